@@ -1,0 +1,1 @@
+"""pyinfra operations for GPU hosts: NVIDIA driver check and toolkit, docker, models, vLLM."""

@@ -1,0 +1,106 @@
+"""Secrets of a service: the Hugging Face token and the vLLM API key.
+
+They travel only inside the root-only env file on each host (``/etc/gpufleet/<service>.env``,
+0600), uploaded over SFTP: never on a command line, in pyinfra's output, in ``--diff`` or a log.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra.api.exceptions import PyinfraError
+
+MASK = "*****"
+
+
+class Secret:
+    """A secret string that never shows itself in ``str``, ``repr`` or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({MASK})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+
+class SecretError(PyinfraError):
+    """A secret is missing or unusable; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class ServiceSecrets:
+    hf_token: Secret | None
+    api_key: Secret
+
+    def env_file_content(self) -> Secret:
+        lines = []
+        if self.hf_token is not None:
+            lines.append(f"HF_TOKEN={self.hf_token.reveal()}")
+        lines.append(f"VLLM_API_KEY={self.api_key.reveal()}")
+        return Secret("\n".join(lines) + "\n")
+
+
+def state_dir(environ: Mapping[str, str]) -> Path:
+    """Where gpufleet keeps controller-side state (known_hosts, generated API keys)."""
+    base = environ.get("GPUFLEET_STATE_DIR") or os.path.join(
+        environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "gpufleet")
+    return Path(base)
+
+
+def _check_value(name: str, value: str) -> str:
+    if any(c.isspace() for c in value) or not value.isprintable():
+        raise SecretError(f"{name} contains whitespace or control characters; check how it was set")
+    return value
+
+
+def hf_token(environ: Mapping[str, str]) -> Secret | None:
+    """The Hugging Face token from HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = environ.get(name)
+        if value:
+            return Secret(_check_value(name, value.strip()))
+    return None
+
+
+def api_key(service: str, environ: Mapping[str, str]) -> Secret:
+    """The service's vLLM API key: VLLM_API_KEY if set, else one generated once per service and
+    kept (0600) in the controller's state dir, so every run and every host use the same key."""
+    given = environ.get("VLLM_API_KEY")
+    if given:
+        return Secret(_check_value("VLLM_API_KEY", given.strip()))
+    path = state_dir(environ) / "secrets" / f"{service}.api-key"
+    try:
+        return Secret(path.read_text(encoding="utf-8").strip())
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    value = "gf-" + _random.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another host's deploy made it first
+        return Secret(path.read_text(encoding="utf-8").strip())
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(value + "\n")
+    return Secret(value)
+
+
+def api_key_path(service: str, environ: Mapping[str, str]) -> Path:
+    return state_dir(environ) / "secrets" / f"{service}.api-key"
