@@ -24,6 +24,9 @@ from gpufleet.operations import docker, nvidia, vllm
 from gpufleet.spec import MIN_COMPUTE_CAPABILITY, SPEC_KEYS, ServiceSpec, SpecError, load_spec
 
 UNIT_DIR = "/etc/systemd/system"
+SECRETS_IN_CONTAINER = "/run/gpufleet/service.env"
+# the vllm/vllm-openai entrypoint is `vllm serve`; this wrapper exports the secrets first
+ENTRYPOINT_SCRIPT = f'set -a && . {SECRETS_IN_CONTAINER} && set +a && exec vllm serve "$@"'
 
 # pyinfra's own data keys, which may legitimately appear in --data next to spec keys
 _PYINFRA_DATA_PREFIXES = ("ssh_", "winrm_", "docker_", "chroot_", "local_", "fake_", "_")
@@ -71,6 +74,8 @@ def render_unit(spec: ServiceSpec, gpu_count: int | None = None) -> str:
         spec=spec,
         vllm_args=spec.vllm_args(gpu_count),
         container_env=[],
+        secrets_in_container=SECRETS_IN_CONTAINER,
+        entrypoint_script=ENTRYPOINT_SCRIPT,
         start_timeout=max(spec.cold_start_timeout, 900),
     )
 

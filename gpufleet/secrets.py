@@ -1,5 +1,7 @@
 """Secrets of a service: the Hugging Face token and the vLLM API key.
 
+The env file holds shell assignments (``KEY='value'``); the container's entrypoint sources it.
+
 They travel only inside the root-only env file on each host (``/etc/gpufleet/<service>.env``,
 0600), uploaded over SFTP: never on a command line, in pyinfra's output, in ``--diff`` or a log.
 """
@@ -52,8 +54,8 @@ class ServiceSecrets:
     def env_file_content(self) -> Secret:
         lines = []
         if self.hf_token is not None:
-            lines.append(f"HF_TOKEN={self.hf_token.reveal()}")
-        lines.append(f"VLLM_API_KEY={self.api_key.reveal()}")
+            lines.append(f"HF_TOKEN='{self.hf_token.reveal()}'")
+        lines.append(f"VLLM_API_KEY='{self.api_key.reveal()}'")
         return Secret("\n".join(lines) + "\n")
 
 
@@ -65,8 +67,9 @@ def state_dir(environ: Mapping[str, str]) -> Path:
 
 
 def _check_value(name: str, value: str) -> str:
-    if any(c.isspace() for c in value) or not value.isprintable():
-        raise SecretError(f"{name} contains whitespace or control characters; check how it was set")
+    if any(c.isspace() for c in value) or not value.isprintable() or "'" in value:
+        raise SecretError(f"{name} contains whitespace, quotes or control characters; check how "
+                          "it was set")
     return value
 
 

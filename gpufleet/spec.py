@@ -117,8 +117,9 @@ class ServiceSpec:
         return MIN_COMPUTE_CAPABILITY.get(self.quantization, VLLM_MIN_COMPUTE_CAPABILITY)
 
     def vllm_args(self, gpu_count: int | None = None) -> list[str]:
-        """The flags after the image name (the image's entrypoint is ``vllm serve``)."""
-        args = ["--model", self.model, "--revision", self.revision]
+        """The arguments of ``vllm serve``: the model tag (positional; ``--model`` is deprecated
+        since vLLM 0.11), then the flags."""
+        args = [self.model, "--revision", self.revision]
         args += ["--served-model-name", self.name_served]
         args += ["--host", "0.0.0.0", "--port", str(self.port)]
         args += ["--gpu-memory-utilization", _format_float(self.gpu_memory_utilization)]

@@ -25,7 +25,7 @@ def read_key(env_file: str) -> str | None:
         with open(env_file, encoding="utf-8") as f:
             for line in f:
                 if line.startswith("VLLM_API_KEY="):
-                    return line.split("=", 1)[1].strip()
+                    return line.split("=", 1)[1].strip().strip("'\"")
     except OSError:
         return None
     return None

@@ -39,9 +39,9 @@ def test_user_given_api_key_wins(tmp_path):
 
 def test_env_file_content():
     s = secrets.ServiceSecrets(secrets.Secret("hf_x"), secrets.Secret("k"))
-    assert s.env_file_content().reveal() == "HF_TOKEN=hf_x\nVLLM_API_KEY=k\n"
+    assert s.env_file_content().reveal() == "HF_TOKEN='hf_x'\nVLLM_API_KEY='k'\n"
     s = secrets.ServiceSecrets(None, secrets.Secret("k"))
-    assert s.env_file_content().reveal() == "VLLM_API_KEY=k\n"
+    assert s.env_file_content().reveal() == "VLLM_API_KEY='k'\n"
 
 
 def test_missing_hf_token_is_one_clear_error(tmp_path):

@@ -56,7 +56,7 @@ def test_args_include_every_setting():
                        "max_num_seqs": 32, "gpu_count": 2, "kv_cache_dtype": "fp8",
                        "extra_args": ["--enforce-eager"]})
     args = spec.vllm_args(2)
-    assert args[:4] == ["--model", BASE["model"], "--revision", "main"]
+    assert args[:3] == [BASE["model"], "--revision", "main"]
     pairs = dict(zip(args, args[1:], strict=False))
     assert pairs["--served-model-name"] == "llama3-8b"
     assert pairs["--max-model-len"] == "8192"

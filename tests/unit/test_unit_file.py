@@ -18,11 +18,21 @@ def test_unit_runs_the_pinned_image_with_gpu_flags():
     assert "Restart=always" in unit
     assert "ExecStartPre=-/usr/bin/docker rm -f gpufleet-llama3" in unit
     run = unit.split("ExecStart=", 1)[1].split("\nExecStop", 1)[0].replace("\\\n", " ")
-    for part in ("docker run --rm --name gpufleet-llama3", "--runtime nvidia", "--gpus all",
-                 "--ipc=host", "-p 0.0.0.0:8000:8000", "-v /opt/models:/root/.cache/huggingface",
-                 "--env-file /etc/gpufleet/llama3.env", "vllm/vllm-openai:v0.11.0",
-                 "--model meta-llama/Meta-Llama-3-8B-Instruct", "--quantization fp8",
-                 "--max-num-seqs 32", "--served-model-name llama3-8b"):
+    for part in (
+        "docker run --rm --name gpufleet-llama3",
+        "--runtime nvidia",
+        "--gpus all",
+        "--ipc=host",
+        "-p 0.0.0.0:8000:8000",
+        "-v /opt/models:/root/.cache/huggingface",
+        "-v /etc/gpufleet/llama3.env:/run/gpufleet/service.env:ro",
+        "--entrypoint /bin/sh vllm/vllm-openai:v0.11.0",
+        '-c "set -a && . /run/gpufleet/service.env && set +a && exec vllm serve \\"$$@\\"" vllm',
+        "vllm meta-llama/Meta-Llama-3-8B-Instruct --revision main",
+        "--quantization fp8",
+        "--max-num-seqs 32",
+        "--served-model-name llama3-8b",
+    ):
         assert part in " ".join(run.split()), part
     timeout = int(unit.split("TimeoutStartSec=")[1].split()[0])
     assert timeout >= 900

@@ -1,0 +1,48 @@
+# gpufleet — two commands on a fresh machine:
+#   make demo   lab up, the real deploy over SSH through the DigitalOcean emulator, a completion
+#   make test   every test: unit tests and the end-to-end tests on the lab
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+LAB_ENV = /var/tmp/gpufleet-lab/gf/lab.env
+
+.PHONY: venv demo lab-up lab-down lab-status test unit lint bench clean
+
+$(BIN)/gpufleet: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/gpufleet
+
+demo: venv
+	$(BIN)/gpufleet lab up
+	set -a && . $(LAB_ENV) && set +a && \
+	  PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pyinfra -y inventories/do.py deploys/llama3.py
+	set -a && . $(LAB_ENV) && set +a && $(BIN)/gpufleet lab ask "Say hello to the fleet."
+	@echo "The lab is still up: 'make lab-down' takes it down."
+
+lab-up: venv
+	$(BIN)/gpufleet lab up
+
+lab-down: venv
+	$(BIN)/gpufleet lab down
+
+lab-status: venv
+	$(BIN)/gpufleet lab status
+
+test: venv
+	$(BIN)/pytest
+
+unit: venv
+	$(BIN)/pytest -m "not lab"
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python bench/lab_bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
