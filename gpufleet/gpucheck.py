@@ -58,17 +58,20 @@ def check_gpus(fact: dict[str, Any], need: GpuRequirements, host: str) -> str | 
     if len(gpus) < need.count:
         return (f"{host}: found {len(gpus)} GPU(s) ({found}), the service needs {need.count}. "
                 "Use a larger droplet size or lower gpu_count/tensor_parallel_size.")
-    small = [g for g in gpus if g["memory_mib"] < need.memory_mib]
-    if small:
-        g = small[0]
-        return (f"{host}: GPU {g['index']} {g['name']} has {g['memory_mib']} MiB, the service "
-                f"needs {need.memory_mib} MiB per GPU. Use a quantization that needs less memory "
-                "or a larger GPU.")
+    reasons = []
     old = [g for g in gpus
            if parse_compute_capability(g["compute_capability"]) < need.compute_capability]
     if old:
         g = old[0]
-        return (f"{host}: GPU {g['index']} {g['name']} has compute capability "
-                f"{g['compute_capability']}, the service needs {_cc(need.compute_capability)}: "
-                f"{need.why_compute_capability}.")
+        reasons.append(f"GPU {g['index']} {g['name']} has compute capability "
+                       f"{g['compute_capability']}, the service needs "
+                       f"{_cc(need.compute_capability)}: {need.why_compute_capability}")
+    small = [g for g in gpus if g["memory_mib"] < need.memory_mib]
+    if small:
+        g = small[0]
+        reasons.append(f"GPU {g['index']} {g['name']} has {g['memory_mib']} MiB, the service "
+                       f"needs {need.memory_mib} MiB per GPU: use a quantization that needs less "
+                       "memory or a larger GPU")
+    if reasons:
+        return f"{host}: " + "; ".join(reasons) + "."
     return None

@@ -779,7 +779,7 @@ def _net_down(cfg: LabConfig) -> None:
     _run(["ip", "link", "del", cfg.bridge], check=False)
     with _flock(cfg.state_root / ".net.lock"):
         (cfg.state_dir / "net.json").unlink(missing_ok=True)
-        others = [p for p in cfg.state_root.glob("*/net.json")]
+        others = list(cfg.state_root.glob("*/net.json"))
         saved = cfg.state_root / "ip_forward.orig"
         if not others and saved.exists():
             Path("/proc/sys/net/ipv4/ip_forward").write_text(saved.read_text().strip())
@@ -973,7 +973,9 @@ def daemon_json(cfg: LabConfig) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def _write_into(root: Path, rel: str, text: str, mode: int = 0o644, owner: Path | None = None):
+def _write_into(
+    root: Path, rel: str, text: str, mode: int = 0o644, owner: Path | None = None
+) -> None:
     """Write a file into a host's root fs; ``owner``: copy uid/gid from that path."""
     p = _inside(root, rel)
     p.parent.mkdir(parents=True, exist_ok=True)
