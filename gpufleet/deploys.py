@@ -86,7 +86,10 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets) -> 
     nvidia.gpus_verified(
         name="Check the NVIDIA driver and GPUs", host_name=host.name, **gpu_requirements(spec),
     )
-    docker.daemon_json_valid(name="Check /etc/docker/daemon.json parses")
+    # daemon.json first: a broken file stops the host before anything changes
+    daemon = docker.daemon_json(
+        name="daemon.json: nvidia runtime as default", cgroup_driver=spec.docker_cgroup_driver,
+    )
     docker.engine(name="Docker engine installed and running", package=spec.docker_package)
     nvidia.container_toolkit(
         name=f"NVIDIA container toolkit {spec.toolkit_version}",
@@ -94,14 +97,11 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets) -> 
         repo_url=spec.toolkit_repo_url,
         key_url=spec.toolkit_key_url,
     )
-    daemon = docker.daemon_json(
-        name="daemon.json: nvidia runtime as default", cgroup_driver=spec.docker_cgroup_driver,
-    )
     systemd.service(
         name="Restart docker for the new daemon.json", service="docker.service", running=True,
         restarted=True, _if=daemon.did_change,
     )
-    docker.default_runtime_verified(name="docker info: default runtime is nvidia")
+    docker.default_runtime(name="docker info: default runtime is nvidia", runtime="nvidia")
 
     files.directory(name=f"Model store {spec.models_dir}", path=spec.models_dir,
                     user="root", group="root", mode="755")

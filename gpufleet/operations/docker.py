@@ -46,29 +46,16 @@ def engine(package: str = "docker.io"):
 
 
 @operation()
-def daemon_json_valid(path: str = DAEMON_JSON):
-    """
-    Fail this host (changing nothing) when docker's daemon.json exists but is not a JSON object.
-    Run it before anything else changes, so a broken file stops the host early.
-
-    + path: daemon.json location
-    """
-    try:
-        daemonjson.parse(_read(path), path)
-    except daemonjson.DaemonJsonError as e:
-        yield from fail_host(str(e))
-        return
-    host.noop(f"{path} is valid JSON")
-
-
-@operation()
 def daemon_json(path: str = DAEMON_JSON, cgroup_driver: str | None = "cgroupfs"):
     """
     Merge the NVIDIA runtime into docker's daemon.json and make it the default runtime, keeping
     every other key. Semantically equal content is left alone (no rewrite, so no docker restart).
     The new file is validated with ``dockerd --validate`` when docker supports it, the previous
     one is kept as ``daemon.json.gpufleet-backup-<time>``, and the write is atomic (``mv``).
-    A file that is not valid JSON fails the host and is left untouched.
+    A file that is not valid JSON fails the host and is left untouched; run this early, before
+    anything else changes on the host. Docker is not restarted here: restart it when this
+    operation changed something (and ``default_runtime`` restarts it if the running daemon still
+    does not use the nvidia runtime).
 
     + path: daemon.json location
     + cgroup_driver: ``cgroupfs`` (default) sets ``exec-opts: native.cgroupdriver=cgroupfs`` so
@@ -111,20 +98,33 @@ def daemon_json(path: str = DAEMON_JSON, cgroup_driver: str | None = "cgroupfs")
 
 
 @operation()
-def default_runtime_verified(runtime: str = "nvidia"):
+def default_runtime(runtime: str = "nvidia"):
     """
-    Check that ``docker info`` reports ``runtime`` as the default runtime; fail this host if not.
+    Make sure the running docker daemon uses ``runtime`` by default, as ``docker info`` reports
+    it. When it does not (daemon.json was merged but docker was not restarted, e.g. after an
+    interrupted run), restart docker once and check again; fail this host if it still does not.
 
     + runtime: the expected default runtime
+
+    **Example:**
+
+    .. code:: python
+
+        docker.default_runtime(name="docker info: default runtime nvidia", runtime="nvidia")
     """
     fact = host.get_fact(DockerEngine)
     if fact["default_runtime"] == runtime:
         host.noop(f"docker's default runtime is {runtime}")
         return
-    yield from fail_host(
-        f"docker info reports default runtime {fact['default_runtime']!r} "
-        f"(runtimes: {', '.join(fact['runtimes']) or 'none'}), expected {runtime!r}. "
-        "Check /etc/docker/daemon.json and `journalctl -u docker`."
+    message = (
+        f"docker's default runtime was {fact['default_runtime']!r} (runtimes: "
+        f"{', '.join(fact['runtimes']) or 'none'}) and is still not {runtime!r} after a restart. Check "
+        "/etc/docker/daemon.json and `journalctl -u docker`."
+    )
+    yield "systemctl restart docker.service"
+    yield StringCommand(
+        "test", "\"$(docker info --format '{{.DefaultRuntime}}')\"", "=", QuoteString(runtime),
+        "||", "{", "echo", QuoteString(f"gpufleet: {message}"), ">&2", ";", "exit", "1", ";", "}",
     )
 
 
