@@ -73,7 +73,7 @@ def render_unit(spec: ServiceSpec, gpu_count: int | None = None) -> str:
         "vllm.service.j2",
         spec=spec,
         vllm_args=spec.vllm_args(gpu_count),
-        container_env=[],
+        container_env=list(spec.container_env),
         secrets_in_container=SECRETS_IN_CONTAINER,
         entrypoint_script=ENTRYPOINT_SCRIPT,
         start_timeout=max(spec.cold_start_timeout, 900),
@@ -138,6 +138,7 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets) -> 
         port=spec.port, served_name=spec.name_served, env_file=spec.env_file,
         container=spec.container_name, unit=spec.unit_name, timeout=spec.cold_start_timeout,
     )
+    # seam: release record (issue 5)
 
 
 def load_host_spec(spec_path: str | Path, environ: dict[str, str] | None = None) -> ServiceSpec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class ServiceSpec:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int | None = None
     extra_args: tuple[str, ...] = ()
+    container_env: tuple[tuple[str, str], ...] = ()
     gpu_count: int = 1
     min_gpu_memory_mib: int = 0
     cold_start_timeout: int = 1200
@@ -143,6 +145,7 @@ class ServiceSpec:
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["extra_args"] = list(self.extra_args)
+        data["container_env"] = dict(self.container_env)
         return data
 
 
@@ -250,6 +253,20 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                                                            for a in value):
             raise SpecError(f"{source}: extra_args must be a list of strings, got {value!r}")
         return tuple(str(a) for a in value)
+    if key == "container_env":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise SpecError(f"{source}: container_env must be a mapping of environment "
+                                f"variables, got {value!r}") from None
+        if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2
+                                                    for p in value):
+            value = dict(value)
+        if not isinstance(value, dict):
+            raise SpecError(f"{source}: container_env must be a mapping of environment "
+                            f"variables, got {value!r}")
+        return tuple(sorted((str(k), str(v)) for k, v in value.items()))
     if key in _STR_KEYS:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise SpecError(f"{source}: {key} must be a string, got {value!r}")
@@ -322,6 +339,12 @@ def _validate(spec: ServiceSpec, source: str) -> None:
         fail("docker_package", f"must be a Debian package name, got {spec.docker_package!r}")
     if spec.served_model_name is not None and not spec.served_model_name.strip():
         fail("served_model_name", "must not be blank")
+    for name, _ in spec.container_env:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            fail("container_env", f"has an invalid variable name {name!r}")
+        if name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "VLLM_API_KEY") or "TOKEN" in name:
+            fail("container_env", f"must not set {name}: secrets go only into the root-only "
+                                  "env file (export HF_TOKEN / VLLM_API_KEY on the controller)")
     problem = vllm_flags.check_extra_args(spec.extra_args)
     if problem:
         fail("extra_args", problem)

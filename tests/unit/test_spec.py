@@ -99,6 +99,17 @@ def test_bad_values_get_one_clear_error_naming_the_key(change, needle):
     assert str(e.value).startswith("llama3.yaml: ")
 
 
+def test_container_env_from_yaml_or_data():
+    spec = build_spec({**BASE, "container_env": {"VLLM_LOGGING_LEVEL": "DEBUG"}})
+    assert spec.container_env == (("VLLM_LOGGING_LEVEL", "DEBUG"),)
+    spec = build_spec(BASE, overrides={"container_env": '{"A": "1"}'})
+    assert spec.container_env == (("A", "1"),)
+    with pytest.raises(SpecError, match="must not set HF_TOKEN"):
+        build_spec({**BASE, "container_env": {"HF_TOKEN": "x"}})
+    with pytest.raises(SpecError, match="invalid variable name"):
+        build_spec({**BASE, "container_env": {"1A": "x"}})
+
+
 def test_missing_required_key():
     with pytest.raises(SpecError, match="missing required key 'image'"):
         build_spec({"service": "x", "model": "a/b"})
