@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--show", action="store_true", help="print the key itself")
     key.set_defaults(func=cmd_api_key)
 
+    from gpufleet import plan_cli
     from gpufleet.lab import manager
 
+    plan_cli.add_parser(sub)
     manager.add_parser(sub)
     return parser
 

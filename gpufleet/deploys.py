@@ -6,21 +6,25 @@ call :func:`vllm_service` with an already validated spec.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from importlib import resources
 from io import StringIO
 from pathlib import Path
 
-from pyinfra import host, inventory
+from pyinfra import host, inventory, logger
 from pyinfra.api import deploy
 from pyinfra.operations import docker as pyinfra_docker
 from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
-from gpufleet import render
+from gpufleet import hub, render
+from gpufleet import plan as planner
 from gpufleet import secrets as service_secrets
+from gpufleet.facts.nvidia import NvidiaGpus
 from gpufleet.facts.vllm import VERIFY_SCRIPT
-from gpufleet.operations import docker, nvidia, vllm
+from gpufleet.modelshape import ModelShape
+from gpufleet.operations import docker, hostfiles, models, nvidia, releases, vllm
 from gpufleet.spec import MIN_COMPUTE_CAPABILITY, SPEC_KEYS, ServiceSpec, SpecError, load_spec
 
 UNIT_DIR = "/etc/systemd/system"
@@ -68,12 +72,37 @@ def gpu_requirements(spec: ServiceSpec) -> dict[str, object]:
     }
 
 
-def render_unit(spec: ServiceSpec, gpu_count: int | None = None) -> str:
+def vllm_args(spec: ServiceSpec, commit: str | None = None,
+              plan: planner.Plan | None = None) -> list[str]:
+    """``vllm serve`` arguments: the spec's, with the revision pinned to the resolved commit and
+    the sizing flags (tensor parallel, utilization, lengths, quantization) from the host's plan."""
+    args = spec.vllm_args(spec.gpu_count)
+    if commit:
+        args[args.index("--revision") + 1] = commit
+    if plan is None:
+        return args
+    sized = {"--tensor-parallel-size", "--gpu-memory-utilization", "--max-model-len",
+             "--max-num-seqs", "--quantization", "--dtype", "--kv-cache-dtype"}
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] in sized:
+            i += 2
+            continue
+        kept.append(args[i])
+        i += 1
+    extra = len(spec.extra_args)
+    head, tail = kept[:len(kept) - extra - 1], kept[len(kept) - extra - 1:]
+    return head + list(plan.flags) + tail
+
+
+def render_unit(spec: ServiceSpec, commit: str | None = None,
+                plan: planner.Plan | None = None) -> str:
+    offline = [("HF_HUB_OFFLINE", "1")] if commit else []
     return render.render(
         "vllm.service.j2",
         spec=spec,
-        vllm_args=spec.vllm_args(gpu_count),
-        container_env=list(spec.container_env),
+        vllm_args=vllm_args(spec, commit, plan),
+        container_env=offline + list(spec.container_env),
         secrets_in_container=SECRETS_IN_CONTAINER,
         entrypoint_script=ENTRYPOINT_SCRIPT,
         start_timeout=max(spec.cold_start_timeout, 900),
@@ -81,10 +110,21 @@ def render_unit(spec: ServiceSpec, gpu_count: int | None = None) -> str:
 
 
 @deploy("vLLM service")
-def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets) -> None:
-    """Take one GPU host from bare VM to a verified vLLM endpoint. Every step is idempotent."""
+def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
+                 shape: ModelShape | None = None, plan: planner.Plan | None = None,
+                 hub_endpoint: str | None = None) -> None:
+    """Take one GPU host from bare VM to a verified vLLM endpoint. Every step is idempotent.
+
+    With ``shape`` (the model as the Hub describes it, revision resolved) the weights are staged
+    before the service (re)starts and vLLM runs offline at that commit; with ``plan`` (this
+    host's GPUs x the spec) the sizing flags come from the plan and a refused plan fails the host.
+    """
+    refusal = None
+    if plan is not None and not plan.fits:
+        refusal = "the plan refuses this host: " + " ".join(plan.reasons)
     nvidia.gpus_verified(
-        name="Check the NVIDIA driver and GPUs", host_name=host.name, **gpu_requirements(spec),
+        name="Check the NVIDIA driver and GPUs", host_name=host.name, plan_refusal=refusal,
+        **gpu_requirements(spec),
     )
     # daemon.json first: a broken file stops the host before anything changes
     daemon = docker.daemon_json(
@@ -107,21 +147,29 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets) -> 
                     user="root", group="root", mode="755")
     files.directory(name=f"vLLM compile cache {spec.compile_cache_dir}",
                     path=spec.compile_cache_dir, user="root", group="root", mode="755")
-    # seam for weight staging (pre-download at a pinned revision) before the service restarts
 
     pyinfra_docker.image(name=f"Image {spec.image}", image=spec.image, present=True)
     env_file = vllm.secret_file(
         name=f"Env file {spec.env_file} (0600, secrets)", path=spec.env_file,
         content=secrets.env_file_content(),
     )
-    files.put(
-        name="Endpoint verification script",
-        src=str(resources.files("gpufleet.hostscripts").joinpath("verify_endpoint.py")),
-        dest=VERIFY_SCRIPT, user="root", group="root", mode="755",
+    scripts = resources.files("gpufleet.hostscripts")
+    hostfiles.installed(
+        name="gpufleet host scripts (verify endpoint, stage weights)",
+        files={VERIFY_SCRIPT: scripts.joinpath("verify_endpoint.py").read_bytes(),
+               models.STAGE_SCRIPT: scripts.joinpath("stage_weights.py").read_bytes()},
     )
+    if shape is not None:
+        # before the unit changes: the running server keeps serving while bytes travel
+        models.weights_staged(
+            name=f"Weights {shape.model}@{shape.commit[:12]} staged in {spec.models_dir}",
+            model=shape.model, commit=shape.commit, files=list(shape.files),
+            endpoint=hub_endpoint or hub.hub_endpoint(), env_file=spec.env_file,
+            models_dir=spec.models_dir, revision=spec.revision,
+        )
     unit = files.put(
         name=f"systemd unit {spec.unit_name}",
-        src=StringIO(render_unit(spec)),
+        src=StringIO(render_unit(spec, shape.commit if shape else None, plan)),
         dest=f"{UNIT_DIR}/{spec.unit_name}", user="root", group="root", mode="644",
     )
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
@@ -138,7 +186,13 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets) -> 
         port=spec.port, served_name=spec.name_served, env_file=spec.env_file,
         container=spec.container_name, unit=spec.unit_name, timeout=spec.cold_start_timeout,
     )
-    # seam: release record (issue 5)
+    # seam: release record (issue 5): only reached when the health gate passed
+    releases.release_recorded(
+        spec=spec, env=secrets.env_file_content(),
+        unit=render_unit(spec, shape.commit if shape else None, plan),
+        revision=shape.commit if shape else None,
+        flags=vllm_args(spec, shape.commit if shape else None, plan),
+    )
 
 
 def load_host_spec(spec_path: str | Path, environ: dict[str, str] | None = None) -> ServiceSpec:
@@ -150,22 +204,56 @@ def load_host_spec(spec_path: str | Path, environ: dict[str, str] | None = None)
 
 def load_secrets(spec: ServiceSpec, environ: dict[str, str] | None = None
                  ) -> service_secrets.ServiceSecrets:
+    """HF_TOKEN (optional: a public model needs none; the Hub check says when one is needed)
+    and the service's API key."""
     environ = dict(os.environ) if environ is None else environ
-    token = service_secrets.hf_token(environ)
-    if token is None and "HF_TOKEN" not in environ:
-        raise service_secrets.SecretError(
-            f"HF_TOKEN is not set. {spec.model} is downloaded from Hugging Face on the host: "
-            "create a token with 'Read access to contents of all public gated repos' at "
-            "https://huggingface.co/settings/tokens, accept the model's licence on its page, then "
-            "`export HF_TOKEN=hf_...`. For a public model, `export HF_TOKEN=` deploys without one."
-        )
     return service_secrets.ServiceSecrets(
-        hf_token=token, api_key=service_secrets.api_key(spec.service, environ),
+        hf_token=service_secrets.hf_token(environ),
+        api_key=service_secrets.api_key(spec.service, environ),
     )
 
 
+_PREFLIGHT: dict[tuple[str, str, str, str], ModelShape] = {}
+
+
+def preflight(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
+              endpoint: str | None = None) -> ModelShape:
+    """On the controller, before any host changes: gated access with this token, the revision
+    resolved to a commit, the model's shape. Once per run (memoized across hosts)."""
+    endpoint = hub.hub_endpoint(endpoint)
+    token = secrets.hf_token.reveal() if secrets.hf_token else ""
+    key = (endpoint, spec.model, spec.revision,
+           hashlib.sha256(token.encode()).hexdigest())
+    if key not in _PREFLIGHT:
+        hub.check_access(spec.model, spec.revision, token, endpoint)
+        _PREFLIGHT[key] = hub.model_shape(spec.model, spec.revision, token, endpoint,
+                                          cache_dir=hub_cache_dir())
+    return _PREFLIGHT[key]
+
+
+def hub_cache_dir() -> Path:
+    return service_secrets.state_dir(os.environ) / "hub-cache"
+
+
+def host_plan(spec: ServiceSpec, shape: ModelShape) -> planner.Plan | None:
+    """The plan for this host's real GPUs (None when the driver does not answer: the GPU check
+    then fails the host with the driver's story)."""
+    fact = host.get_fact(NvidiaGpus)
+    if not fact.get("gpus"):
+        return None
+    plan = planner.plan_for_spec(spec, shape, fact["gpus"])
+    logger.info(f"{host.print_prefix}plan: {plan.verdict}, tp {plan.tensor_parallel_size}, "
+                f"{planner.summary(plan)} ({plan.gpu_name}, {spec.quantization})")
+    for line in (*plan.reasons, *plan.warnings):
+        logger.warning(f"{host.print_prefix}plan: {line}")
+    return plan
+
+
 def deploy_service_from_file(spec_path: str | Path) -> None:
-    """What ``deploys/<service>.py`` calls: validate everything, then run the deploy."""
+    """What ``deploys/<service>.py`` calls: validate the spec, check the Hub, plan this host's
+    GPUs, then run the deploy. Bad input stops here, before any host changes."""
     spec = load_host_spec(spec_path)
     secrets = load_secrets(spec)
-    vllm_service(spec=spec, secrets=secrets)
+    shape = preflight(spec, secrets)
+    vllm_service(spec=spec, secrets=secrets, shape=shape, plan=host_plan(spec, shape),
+                 hub_endpoint=hub.hub_endpoint())

@@ -125,6 +125,7 @@ def lab_env(cfg: hosts.LabConfig, urls: dict[str, str], tag: str) -> dict[str, s
         "GPUFLEET_TOOLKIT_REPO_URL": f"{urls['apt']}/libnvidia-container/stable/deb/$(ARCH)",
         "GPUFLEET_TOOLKIT_KEY_URL": f"{urls['apt']}/libnvidia-container/gpgkey",
         "HF_TOKEN": _secret_file(cfg.state_dir / "hf-token", "hf_lab"),
+        "HF_ENDPOINT": urls["hub"],
     }
 
 
@@ -141,6 +142,7 @@ def up(cfg: hosts.LabConfig, wishes: list[HostWish], count: int | None = None,
     images.build_vllm_image(image_dir)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     _secret_file(cfg.state_dir / "do-token", "dop_v1_lab")
+    _secret_file(cfg.state_dir / "hf-token", "hf_lab")
     t1 = time.monotonic()
     hosts.boot(cfg, plan_hosts(cfg, wishes, count, tag))
     t2 = time.monotonic()

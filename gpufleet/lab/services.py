@@ -19,10 +19,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gpufleet.lab import aptrepo, do_emulator, hosts, images, registry
+from gpufleet.lab import aptrepo, do_emulator, hosts, hub_emulator, images, registry
 
 APT_PORT = 8701
 REGISTRY_PORT = hosts.REGISTRY_PORT
+HUB_PORT = 8703
 log = logging.getLogger("gpufleet.lab.services")
 
 
@@ -40,17 +41,22 @@ def _hooks(cfg: hosts.LabConfig) -> do_emulator.Hooks:
                              on_reboot=power_cycle)
 
 
-def serve(cfg: hosts.LabConfig, token: str, do_port: int, repo_root: Path,
+def serve(cfg: hosts.LabConfig, token: str, hf_token: str, do_port: int, repo_root: Path,
           image: images.ImageInfo) -> None:
+    hub = hub_emulator.make_hub_servers(
+        [cfg.bridge_ip], HUB_PORT, hub_emulator.HubTokens(good=hf_token),
+        repos={r.repo_id: r for r in hub_emulator.LAB_REPOS})
     servers = [
         do_emulator.make_server("127.0.0.1", do_port, token, cfg.lab_json, _hooks(cfg)),
         aptrepo.make_static_server(cfg.bridge_ip, APT_PORT, repo_root),
         registry.make_registry_server(cfg.bridge_ip, REGISTRY_PORT, [image]),
+        *hub,
     ]
     urls = {
         "do_api": do_emulator.base_url(servers[0]),
         "apt": f"http://{cfg.bridge_ip}:{APT_PORT}",
         "registry": f"http://{cfg.bridge_ip}:{REGISTRY_PORT}",
+        "hub": f"http://{cfg.bridge_ip}:{HUB_PORT}",
     }
     hosts.update_lab_json(cfg, lambda doc: doc.update({"services": {**urls, "pid": os.getpid()}}))
     stop = threading.Event()
@@ -78,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = hosts.LabConfig(prefix=a.prefix, subnet=a.subnet)
     token = (cfg.state_dir / "do-token").read_text().strip()
+    hf_token = (cfg.state_dir / "hf-token").read_text().strip()
     image = images.build_vllm_image(a.image_dir)
-    serve(cfg, token, a.do_port, a.repo_root, image)
+    serve(cfg, token, hf_token, a.do_port, a.repo_root, image)
     return 0
 
 

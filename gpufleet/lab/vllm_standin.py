@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -1076,8 +1076,17 @@ def serve(ns: argparse.Namespace, warnings: list[str], env: dict[str, str] | Non
     model: str = ns.model
     if _is_hub_id(model):
         if _truthy(env.get("HF_HUB_OFFLINE")):
-            log.info("hub.py:71", f"HF_HUB_OFFLINE=1: resolving {model} from the local Hugging "
-                     "Face cache only, no network calls (stand-in: weights are not checked)")
+            snapshot = _offline_snapshot(model, ns.revision, env)
+            if snapshot is None:
+                _traceback(log, "APIServer", "api_server.py:1900", [
+                    ("/usr/local/lib/python3.12/dist-packages/huggingface_hub/file_download.py",
+                     1484, "_raise_on_head_call_error", "raise LocalEntryNotFoundError(")],
+                    "huggingface_hub.errors.LocalEntryNotFoundError: Cannot find the requested "
+                    "files in the disk cache and outgoing traffic has been disabled. To enable "
+                    "hf.co look-ups and downloads online, set 'local_files_only' to False.")
+                return 1
+            log.info("hub.py:71", f"HF_HUB_OFFLINE=1: {model} found in the local Hugging Face "
+                     f"cache at {snapshot} (stand-in: config.json read, weights not loaded)")
         elif not (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")):
             log.warning("hub.py:88", "Warning: You are sending unauthenticated requests to the "
                         "HF Hub. Please set a HF_TOKEN to enable higher rate limits and faster "
@@ -1238,6 +1247,20 @@ def _shutdown(log: Log, httpd: StandinHTTPServer) -> None:
     httpd.server_close()
     log.uvicorn("Waiting for application shutdown.")
     log.uvicorn("Application shutdown complete.")
+
+
+def _offline_snapshot(model: str, revision: str | None, env: Mapping[str, str]) -> str | None:
+    """Where huggingface_hub would find ``model`` offline: the snapshot of ``revision`` (a commit,
+    or a ref under refs/) in $HF_HOME/hub, holding config.json; None if it is not there."""
+    home = env.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    repo = os.path.join(home, "hub", "models--" + model.replace("/", "--"))
+    rev = revision or "main"
+    ref = os.path.join(repo, "refs", rev)
+    if os.path.isfile(ref):
+        with open(ref, encoding="utf-8") as f:
+            rev = f.read().strip()
+    snapshot = os.path.join(repo, "snapshots", rev)
+    return snapshot if os.path.isfile(os.path.join(snapshot, "config.json")) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ def gpus_verified(
     compute_capability: tuple[int, int] = (7, 0),
     why_compute_capability: str = "vLLM needs compute capability 7.0 or newer",
     host_name: str | None = None,
+    plan_refusal: str | None = None,
 ):
     """
     Check that the host has working NVIDIA GPUs that can run the service; fail this host alone,
@@ -41,6 +42,7 @@ def gpus_verified(
     + compute_capability: lowest compute capability allowed, as ``(major, minor)``
     + why_compute_capability: the reason for that minimum, for the message
     + host_name: name used in messages (defaults to the inventory name)
+    + plan_refusal: why the VRAM plan for these GPUs refuses the service (gpufleet.plan), if it does
 
     **Example:**
 
@@ -57,6 +59,8 @@ def gpus_verified(
     fact = host.get_fact(NvidiaGpus)
     need = GpuRequirements(count, memory_mib, tuple(compute_capability), why_compute_capability)
     problem = check_gpus(fact, need, host_name or host.name)
+    if problem is None and plan_refusal:
+        problem = f"{host_name or host.name}: {describe_gpus(fact['gpus'])}: {plan_refusal}"
     if problem:
         yield from fail_host(problem)
         return

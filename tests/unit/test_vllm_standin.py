@@ -462,13 +462,24 @@ def test_fail_engine_dead_exits_zero_like_vllm(run: Any) -> None:
     assert "EngineDeadError" in s.output()
 
 
-def test_hf_hub_offline_is_logged(run: Any) -> None:
-    s = run(["serve", "--model", MODEL, "--host", "127.0.0.1", "--port", "0"],
-            {"HF_HUB_OFFLINE": "1"})
+def test_hf_hub_offline_serves_a_staged_snapshot(run: Any, tmp_path: Any) -> None:
+    commit = "a" * 40
+    snap = tmp_path / "hub" / f"models--{MODEL.replace('/', '--')}" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    s = run(["serve", "--model", MODEL, "--revision", commit, "--host", "127.0.0.1", "--port",
+             "0"], {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
     s.wait_ready()
     out = s.output()
-    assert f"HF_HUB_OFFLINE=1: resolving {MODEL} from the local Hugging Face cache only" in out
+    assert f"HF_HUB_OFFLINE=1: {MODEL} found in the local Hugging Face cache" in out
     assert "unauthenticated requests to the HF Hub" not in out
+
+
+def test_hf_hub_offline_without_staged_weights_fails_like_vllm(run: Any, tmp_path: Any) -> None:
+    s = run(["serve", MODEL, "--host", "127.0.0.1", "--port", "0"],
+            {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert s.wait_exit() == 1
+    assert "LocalEntryNotFoundError: Cannot find the requested files in the disk cache" in s.output()
 
 
 def test_max_model_len_above_the_model_limit_fails(run: Any) -> None:
