@@ -43,7 +43,6 @@ libnvidia-container-tools/libnvidia-container1; pin all four packages to get one
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import gzip
 import hashlib
@@ -54,12 +53,13 @@ import subprocess
 import tempfile
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
+
+from gpufleet.lab import hosts
 
 DEFAULT_VERSIONS = ("1.17.8-1", "1.18.0-1")
 ARCH = "amd64"
@@ -583,17 +583,6 @@ def _run(cmd: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def build_deb(spec: dict[str, Any], out_dir: Path) -> Path:
     """Build one .deb with dpkg-deb (root-owned files, fixed mtimes, xz)."""
     control = spec["control"]
@@ -649,7 +638,7 @@ def ensure_signing_key(home: Path) -> str:
     """Create (once) the lab's ed25519 signing key in ``home``; return its fingerprint."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    with _locked(home.with_name(home.name + ".lock")):
+    with hosts.file_lock(home.with_name(home.name + ".lock")):
         try:
             fpr = _fingerprint(home)
             if fpr is None:
@@ -694,7 +683,7 @@ def build_toolkit_repo(root: Path, versions: Sequence[str] = DEFAULT_VERSIONS, *
     key_file = root / KEY_SUBPATH
     fpr = ensure_signing_key(home)
     stamp = repo_dir / ".gpufleet-inputs"
-    with _locked(root.with_name(root.name + ".lock")):
+    with hosts.file_lock(root.with_name(root.name + ".lock")):
         wanted = _inputs_hash(versions, fpr)
         debs = tuple(repo_dir / f"{spec['control']['Package']}_{v}_{ARCH}.deb"
                      for v in versions for spec in package_specs(v))

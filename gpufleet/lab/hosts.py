@@ -398,7 +398,7 @@ def _run(
 
 
 @contextlib.contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (created), held for the ``with`` block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -636,7 +636,7 @@ def build_rootfs(flavour: str = "docker", cache_dir: Path = CACHE_DIR) -> Path:
     ready = dest.with_name(dest.name + ".ready")
     if ready.exists():
         return dest
-    with _flock(cache_dir / ".rootfs.lock"):
+    with file_lock(cache_dir / ".rootfs.lock"):
         if ready.exists():
             return dest
         _remove_stale_builds(cache_dir)
@@ -756,7 +756,7 @@ def _net_up(cfg: LabConfig) -> None:
         if f" {ip}/24 " not in addrs:
             _run(["ip", "addr", "add", f"{ip}/24", "dev", cfg.bridge])
     _run(["ip", "link", "set", cfg.bridge, "up"])
-    with _flock(cfg.state_root / ".net.lock"):
+    with file_lock(cfg.state_root / ".net.lock"):
         saved = cfg.state_root / "ip_forward.orig"
         forward = Path("/proc/sys/net/ipv4/ip_forward")
         if not saved.exists():
@@ -777,7 +777,7 @@ def _net_down(cfg: LabConfig) -> None:
             if words[:1] == ["-A"] and _has_comment(words, cfg.rule_comment):
                 _run(["iptables", "-w", "-t", table, "-D", *words[1:]], check=False)
     _run(["ip", "link", "del", cfg.bridge], check=False)
-    with _flock(cfg.state_root / ".net.lock"):
+    with file_lock(cfg.state_root / ".net.lock"):
         (cfg.state_dir / "net.json").unlink(missing_ok=True)
         others = list(cfg.state_root.glob("*/net.json"))
         saved = cfg.state_root / "ip_forward.orig"
@@ -1243,7 +1243,7 @@ def _wait_ready(cfg: LabConfig, host: LabHost) -> None:
 
 def update_lab_json(cfg: LabConfig, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Read-modify-write ``lab.json`` under ``lab.json.lock`` (atomic replace); returns it."""
-    with _flock(cfg.state_dir / "lab.json.lock"):
+    with file_lock(cfg.state_dir / "lab.json.lock"):
         try:
             data = json.loads(cfg.lab_json.read_text())
         except FileNotFoundError:
@@ -1307,7 +1307,7 @@ def trust_host_key(cfg: LabConfig, host: LabHost, key: str) -> None:
 
 def _update_known_hosts(cfg: LabConfig, keys: dict[LabHost, str]) -> None:
     ips = {ip for h in keys for ip in (h.public_ip, h.private_ip)}
-    with _flock(cfg.state_dir / "known_hosts.lock"):
+    with file_lock(cfg.state_dir / "known_hosts.lock"):
         try:
             old = cfg.known_hosts.read_text().splitlines(keepends=True)
         except FileNotFoundError:
@@ -1352,7 +1352,7 @@ def boot(cfg: LabConfig, hosts: Sequence[LabHost]) -> list[LabHost]:
     for h in hosts:
         if h.machine != cfg.machine(h.index) or h.public_ip != cfg.public_ip(h.index):
             raise ValueError(f"host {h.index} does not belong to lab {cfg.prefix!r}")
-    with _flock(cfg.state_dir / ".lock"):
+    with file_lock(cfg.state_dir / ".lock"):
         t0 = time.monotonic()
         _prepare_lab(cfg)
         images = {f: build_rootfs(f, cfg.cache_dir) for f in sorted({h.flavour for h in hosts})}
@@ -1391,7 +1391,7 @@ def rebuild_host(cfg: LabConfig, index: int) -> str:
     ``running``. The lab's known_hosts is NOT updated (a rebuilt droplet really has a new key):
     the new key (``ssh-ed25519 AAAA...``) is returned; ``trust_host_key`` records it.
     """
-    with _flock(cfg.state_dir / ".lock"):
+    with file_lock(cfg.state_dir / ".lock"):
         host = _host(cfg, index)
         hd = HostDir(cfg, host.machine)
         image = build_rootfs(host.flavour, cfg.cache_dir)
@@ -1407,7 +1407,7 @@ def rebuild_host(cfg: LabConfig, index: int) -> str:
 
 def power_cycle_host(cfg: LabConfig, index: int) -> None:
     """Pull the plug on host ``index`` (SIGKILL, no shutdown) and boot it again, same disk."""
-    with _flock(cfg.state_dir / ".lock"):
+    with file_lock(cfg.state_dir / ".lock"):
         host = _host(cfg, index)
         hd = HostDir(cfg, host.machine)
         image = Path(_host_record(cfg, host)["image"])
@@ -1448,7 +1448,7 @@ def down(cfg: LabConfig) -> None:
     """
     if not cfg.state_dir.exists():
         return
-    with _flock(cfg.state_dir / ".lock"):
+    with file_lock(cfg.state_dir / ".lock"):
         t0 = time.monotonic()
         dirs = sorted(cfg.hosts_dir.iterdir()) if cfg.hosts_dir.is_dir() else []
 

@@ -22,7 +22,6 @@ result is cached by a hash of every input, so later calls take well under a seco
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import json
@@ -33,10 +32,11 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from gpufleet.lab import hosts
 
 VLLM_REPOSITORY = "vllm/vllm-openai"
 DEFAULT_TAG = "v0.11.0"
@@ -115,63 +115,8 @@ class ImageInfo:
 # --------------------------------------------------------------------------- helpers
 
 def mirror_lines(etc_apt: Path = Path("/etc/apt")) -> list[str]:
-    """One-line ``deb`` sources for bookworm, as apt on this machine has them configured.
-
-    Reads sources.list, sources.list.d/*.list and deb822 sources.list.d/*.sources; keeps only
-    enabled ``deb`` entries whose suite is bookworm, bookworm-updates or bookworm-security
-    (third-party repositories that merely contain "bookworm" in a suite name are skipped).
-    """
-    wanted = {SUITE, f"{SUITE}-updates", f"{SUITE}-security"}
-    lines: list[str] = []
-    files = [etc_apt / "sources.list"]
-    d = etc_apt / "sources.list.d"
-    if d.is_dir():
-        files += sorted(d.glob("*.list")) + sorted(d.glob("*.sources"))
-    for f in files:
-        if not f.is_file():
-            continue
-        text = f.read_text(errors="replace")
-        if f.suffix == ".sources":
-            for stanza in re.split(r"\n\s*\n", text):
-                fields: dict[str, str] = {}
-                for raw in stanza.splitlines():
-                    if raw.startswith("#") or ":" not in raw or raw[:1].isspace():
-                        continue
-                    key, _, value = raw.partition(":")
-                    fields[key.strip().lower()] = value.strip()
-                if "deb" not in fields.get("types", "").split():
-                    continue
-                if fields.get("enabled", "yes").lower() == "no":
-                    continue
-                uris = fields.get("uris", "").split()
-                comps = fields.get("components", "main")
-                for suite in fields.get("suites", "").split():
-                    if suite in wanted:
-                        lines += [f"deb {uri} {suite} {comps}" for uri in uris]
-        else:
-            for raw in text.splitlines():
-                parts = raw.split()
-                if len(parts) < 3 or parts[0] != "deb":
-                    continue
-                rest = parts[1:]
-                if rest[0].startswith("["):  # options: deb [signed-by=...] uri suite comps
-                    while rest and not rest[0].endswith("]"):
-                        rest = rest[1:]
-                    rest = rest[1:]
-                if len(rest) >= 2 and rest[1] in wanted:
-                    lines.append("deb " + " ".join(rest))
-    return lines
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """The bookworm ``deb`` lines apt on this machine uses (same reader as the host images)."""
+    return hosts.apt_mirrors(etc_apt)
 
 
 class _HashWriter:
@@ -396,7 +341,7 @@ def build_vllm_image(cache_dir: Path, tag: str = DEFAULT_TAG, *,
         raise RuntimeError("no bookworm 'deb' source found in /etc/apt/sources.list*")
     key = inputs_key(mirrors)
     layer_file = base / "layers" / f"{key}.json"
-    with _locked(base / ".lock"):
+    with hosts.file_lock(base / ".lock"):
         layer: dict[str, Any] | None = None
         if layer_file.is_file():
             layer = json.loads(layer_file.read_text())
