@@ -1,4 +1,4 @@
-"""The ``gpufleet`` command: check a spec, run the lab, find the API key."""
+"""The ``gpufleet`` command: check and plan a spec, roll it out, run the lab."""
 
 from __future__ import annotations
 
@@ -73,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--show", action="store_true", help="print the key itself")
     key.set_defaults(func=cmd_api_key)
 
-    from gpufleet import plan_cli
+    from gpufleet import plan_cli, rollout_cli
     from gpufleet.lab import manager
 
     plan_cli.add_parser(sub)
     manager.add_parser(sub)
+    rollout_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,350 @@
+"""Fleet rollouts end to end on their own lab: four H100 hosts (prefix gr, subnet 10.218.0).
+
+The tests run in file order on one lab and build on each other: a plain deploy records release
+R1 (fp8); a rollout to fp16 (R2); a rollback to R1; a release that never becomes healthy; two
+rollouts at once; a host powered off during its batch; a host that drops off the network during
+its batch and one unreachable at the start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gpufleet import releases, secrets
+from gpufleet.lab import hosts as lab_hosts
+from tests.e2e.lab import BIN, ROOT, Lab, Run, start_lab
+
+PREFIX, SUBNET = "gr", "10.218.0"
+NAMES = [f"llama3-gpu-{i:02d}" for i in range(1, 5)]
+SEEN: dict[str, str] = {}  # release ids found along the way: R1 (fp8), R2 (fp16)
+NEVER_HEALTHY = ['container_env={"VLLM_STANDIN_FAIL":"never-healthy"}', "cold_start_timeout=20"]
+
+
+@pytest.fixture(scope="session")
+def rollout_lab():
+    from gpufleet.lab import manager
+
+    lab: Lab = start_lab(PREFIX, SUBNET, ["h100"] * 4)
+    try:
+        yield lab
+    finally:
+        for i in range(1, 5):  # a link a failed test left down
+            subprocess.run(["ip", "link", "set", lab.cfg.veth(i), "up"], capture_output=True)
+        manager.down(lab.cfg)
+
+
+def _env(lab: Lab) -> dict[str, str]:
+    return {**os.environ, **lab.env, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+
+
+def gpufleet(lab: Lab, *args: str, timeout: float = 600) -> Run:
+    cmd = [str(BIN / "gpufleet"), *args]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(lab), capture_output=True, text=True,
+                          timeout=timeout)
+    return Run(cmd, proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0)
+
+
+def rollout(lab: Lab, *args: str, timeout: float = 600) -> Run:
+    return gpufleet(lab, "rollout", "inventories/do.py", "deploys/llama3.py", "--yes", *args,
+                    timeout=timeout)
+
+
+def start_rollout(lab: Lab, log: Path, *args: str) -> subprocess.Popen:
+    cmd = [str(BIN / "gpufleet"), "rollout", "inventories/do.py", "deploys/llama3.py", "--yes",
+           *args]
+    out = open(log, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(lab), stdout=out, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(log: Path, needle: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} never came:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def host_releases(lab: Lab) -> dict[str, dict]:
+    run = gpufleet(lab, "releases", "inventories/do.py", "--json")
+    assert run.returncode == 0, run.output
+    doc = first_json(run.output)
+    return {row["host"]: row for row in doc["hosts"]}
+
+
+def first_json(output: str) -> dict:
+    """The JSON document in a command's output (live lines go to stderr, after it or before)."""
+    return json.JSONDecoder().raw_decode(output[output.index("{\n"):])[0]
+
+
+def currents(lab: Lab) -> dict[str, str | None]:
+    return {n: r.get("current") for n, r in host_releases(lab).items()}
+
+
+def started_at(lab: Lab, name: str) -> str:
+    return lab.ssh(name, "docker inspect -f '{{.State.StartedAt}}' gpufleet-llama3").stdout
+
+
+def unit_sha(lab: Lab, name: str) -> str:
+    return lab.ssh(name, "sha256sum /etc/systemd/system/gpufleet-llama3.service").stdout
+
+
+def chat(lab: Lab, name: str) -> str:
+    key = secrets.api_key("llama3", lab.env).reveal()
+    body = json.dumps({"model": "llama3-8b", "max_tokens": 8,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = urllib.request.Request(
+        f"http://{lab.host(name).public_ip}:8000/v1/chat/completions", data=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)["choices"][0]["message"]["content"]
+
+
+def lines_of(run_output: str, name: str) -> list[str]:
+    return [ln for ln in run_output.splitlines() if f"    {name} " in ln]
+
+
+def index_of(output: str, needle: str) -> int:
+    assert needle in output, f"{needle!r} not in:\n{output}"
+    return output.index(needle)
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+
+def test_plain_deploy_records_the_release_and_a_rerun_reads_one_fact(rollout_lab):
+    lab = rollout_lab
+    run = lab.pyinfra()
+    assert run.returncode == 0, run.output[-3000:]
+    rows = host_releases(lab)
+    ids = {r["current"] for r in rows.values()}
+    assert len(ids) == 1 and None not in ids, rows
+    SEEN["R1"] = ids.pop()
+    assert all(r["previous"] is None and r["quantization"] == "fp8" for r in rows.values())
+    # a re-run of the same release: the record op changes nothing and runs one command (a fact)
+    again = lab.pyinfra("-vv", "--limit", NAMES[0])
+    assert again.returncode == 0, again.output[-3000:]
+    section = again.output.split(f"Release {SEEN['R1']} recorded")[1].split("--> ")[0]
+    assert section.count(">>>") == 1 and "No changes" in section, section
+
+
+def test_rollout_canary_then_batches_every_host_healthy_on_the_new_release(rollout_lab):
+    lab = rollout_lab
+    run = rollout(lab, "--data", "quantization=fp16", "--batch", "2")
+    out = run.output
+    assert run.returncode == 0, out
+    # order and batch boundaries
+    canary = index_of(out, "== canary (1/3): llama3-gpu-01")
+    batch2 = index_of(out, "== batch 2 (2/3): llama3-gpu-02, llama3-gpu-03")
+    batch3 = index_of(out, "== batch 3 (3/3): llama3-gpu-04")
+    assert canary < batch2 < batch3
+    # one batch out of service at a time: a batch starts after the previous one is healthy
+    assert index_of(out, "llama3-gpu-01   healthy on") < batch2
+    assert max(index_of(out, "llama3-gpu-02   healthy on"),
+               index_of(out, "llama3-gpu-03   healthy on")) < batch3
+    for name in NAMES:
+        phases = [ln.split(name, 1)[1].strip() for ln in lines_of(out, name)]
+        assert "deploying" in phases and "waiting for health" in phases, phases
+    rows = host_releases(lab)
+    r2 = rows[NAMES[0]]["current"]
+    assert r2 != SEEN["R1"]
+    SEEN["R2"] = r2
+    for name in NAMES:
+        assert rows[name]["current"] == r2 and rows[name]["previous"] == SEEN["R1"]
+        assert rows[name]["quantization"] == "fp16" and not rows[name]["lock"]
+        assert "--dtype float16" in lab.ssh(name, "cat /etc/systemd/system/gpufleet-llama3"
+                                                  ".service").stdout.replace('"', "")
+        assert chat(lab, name)
+        table = [ln for ln in out.splitlines() if ln.startswith(name)]
+        assert table and f"{SEEN['R1']}  {r2}" in table[-1] and "healthy" in table[-1]
+    # the audit log on every host
+    audit = [json.loads(x) for x in lab.ssh(NAMES[1], "cat /var/lib/gpufleet/llama3/audit.log")
+             .stdout.splitlines()]
+    assert audit[-1]["command"] == "rollout" and audit[-1]["result"] == "completed"
+    assert audit[-1]["from_release"] == SEEN["R1"] and audit[-1]["to_release"] == r2
+    assert audit[-1]["batch"] == "batch 2" and audit[-1]["by"].startswith("root@")
+
+
+def test_a_second_run_of_the_same_rollout_changes_nothing(rollout_lab):
+    lab = rollout_lab
+    before = {n: started_at(lab, n) for n in NAMES}
+    run = rollout(lab, "--data", "quantization=fp16", "--json")
+    assert run.returncode == 0, run.output
+    report = first_json(run.output)
+    assert report["result"] == "completed" and report["batches"] == []
+    assert {h["result"] for h in report["hosts"]} == {"unchanged"}
+    assert {n: started_at(lab, n) for n in NAMES} == before
+
+
+def test_rollback_returns_every_host_to_the_previous_release_without_downloading(rollout_lab):
+    lab = rollout_lab
+    since = lab.ssh(NAMES[0], "date +%s").stdout.strip()
+    images = {n: lab.ssh(n, "docker images --digests --format '{{.ID}} {{.Repository}}:"
+                            "{{.Tag}}' | sort").stdout for n in NAMES}
+    run = gpufleet(lab, "rollback", "inventories/do.py", "--yes")
+    assert run.returncode == 0, run.output
+    rows = host_releases(lab)
+    for name in NAMES:
+        assert rows[name]["current"] == SEEN["R1"] and rows[name]["previous"] == SEEN["R2"]
+        assert "--quantization fp8" in lab.ssh(name, "cat /etc/systemd/system/gpufleet-llama3"
+                                                     ".service").stdout
+        assert chat(lab, name)
+        # nothing downloaded: no image pulled, the same images
+        pulls = lab.ssh(name, f"docker events --since {since} --until \"$(date +%s)\" "
+                              "--filter type=image --filter event=pull").stdout
+        assert pulls.strip() == "", pulls
+        assert lab.ssh(name, "docker images --digests --format '{{.ID}} {{.Repository}}:"
+                             "{{.Tag}}' | sort").stdout == images[name]
+    assert "rollback" in run.output and "completed" in run.output
+
+
+def test_release_that_never_gets_healthy_stops_at_the_canary_rolled_back(rollout_lab):
+    lab = rollout_lab
+    others = NAMES[1:]
+    before = {n: (started_at(lab, n), unit_sha(lab, n)) for n in others}
+    run = rollout(lab, *[a for d in NEVER_HEALTHY for a in ("--data", d)])
+    out = run.output
+    assert run.returncode == 3, out
+    assert "/health did not answer 200 within 20s" in out
+    assert f"llama3-gpu-01   rolled back to {SEEN['R1']}, healthy" in out
+    assert "aborted" in out and "3 host(s) not reached" in out
+    assert "== batch 2" not in out
+    bad = next(ln.split()[3] for ln in out.splitlines() if ln.startswith("llama3-gpu-01  canary"))
+    rows = host_releases(lab)
+    # the canary serves again, on the release it had; the failed one was never recorded
+    assert rows[NAMES[0]]["current"] == SEEN["R1"] and chat(lab, NAMES[0])
+    assert bad != SEEN["R1"] and bad not in rows[NAMES[0]]["kept"]
+    assert lab.ssh(NAMES[0], "grep -c never-healthy /etc/systemd/system/gpufleet-llama3.service",
+                   check=False).stdout.strip() == "0"
+    # the other hosts never changed: same release, same unit, container not restarted
+    for name in others:
+        assert rows[name]["current"] == SEEN["R1"]
+        assert (started_at(lab, name), unit_sha(lab, name)) == before[name]
+        table = next(ln for ln in out.splitlines() if ln.startswith(name))
+        assert "not reached" in table
+
+
+def test_two_rollouts_at_once_the_second_refuses_naming_the_holder(rollout_lab, tmp_path):
+    lab = rollout_lab
+    log = tmp_path / "first.log"
+    first = start_rollout(lab, log, "--data", "quantization=fp16", "--batch", "100%",
+                          "--pause", "5")
+    try:
+        wait_for(log, "lock taken on 4 hosts", first)
+        rollout_id = log.read_text().split("(rollout ", 1)[1].split()[0]
+        second = rollout(lab, "--data", "quantization=fp16")
+        assert second.returncode == 5, second.output
+        assert f"held on llama3-gpu-01, llama3-gpu-02, llama3-gpu-03, llama3-gpu-04 by rollout " \
+               f"{rollout_id} to release {SEEN['R2']} by root@" in second.output
+        assert "(pid " in second.output and "nothing changed" in second.output
+        assert "--break-lock" in second.output
+        assert first.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if first.poll() is None:
+            first.terminate()
+            first.wait(timeout=60)
+    rows = host_releases(lab)
+    assert all(r["current"] == SEEN["R2"] and not r["lock"] for r in rows.values())
+
+
+def _lose_host_during_batch(lab: Lab, tmp_path: Path, name: str, how: str) -> str:
+    """Roll out a slow-starting release in batches of two; take ``name`` down while it waits
+    for health. Returns the rollout's output."""
+    log = tmp_path / f"{how}.log"
+    cold = {"power-off": "14", "link-cut": "16"}[how]
+    proc = start_rollout(lab, log, "--batch", "2", "--data", "quantization=fp16", "--data",
+                         f'container_env={{"VLLM_STANDIN_COLD_START_S":"{cold}"}}')
+    try:
+        wait_for(log, f"{name}   waiting for health", proc)
+        index = NAMES.index(name) + 1
+        if how == "power-off":
+            lab.ssh(name, "systemctl poweroff --force --force", check=False, timeout=20)
+        else:
+            subprocess.run(["ip", "link", "set", lab.cfg.veth(index), "down"], check=True)
+        assert proc.wait(timeout=300) == 3, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return log.read_text()
+
+
+def _assert_lost(out: str, name: str, untouched: str) -> None:
+    table = next(ln for ln in out.splitlines() if ln.startswith(name))
+    assert "failed, rollback failed" in table, out
+    detail = next(ln for ln in out.splitlines() if ln.startswith(f"  {name}: "))
+    assert "host lost" in detail and "rollback impossible: the host does not answer" in detail
+    assert "aborted" in out and f"not reached: {untouched}" in out
+    assert f"lock left on {name}" in out
+    assert "llama3-gpu-02   healthy on" in out  # its batch mate made it
+
+
+def test_host_powered_off_during_its_batch_counts_as_failed(rollout_lab, tmp_path):
+    lab = rollout_lab
+    before = (started_at(lab, NAMES[3]), unit_sha(lab, NAMES[3]))
+    out = _lose_host_during_batch(lab, tmp_path, NAMES[2], "power-off")
+    _assert_lost(out, NAMES[2], NAMES[3])
+    assert (started_at(lab, NAMES[3]), unit_sha(lab, NAMES[3])) == before
+    # power it back on: its lock is still there, so the next rollout refuses ...
+    lab_hosts.power_cycle_host(lab.cfg, 3)
+    lab.wait_ssh(NAMES[2])
+    refused = rollout(lab, "--data", "quantization=fp16")
+    assert refused.returncode == 5 and "held on llama3-gpu-03" in refused.output
+    # ... and a rollback with --break-lock puts it back on its last good release
+    back = gpufleet(lab, "rollback", "inventories/do.py", "--limit", NAMES[2], "--break-lock",
+                    "--yes")
+    assert back.returncode == 0, back.output
+    assert "broke the lock of" in back.output
+    assert currents(lab)[NAMES[2]] == SEEN["R2"] and chat(lab, NAMES[2])
+
+
+def test_host_dropping_off_the_network_during_its_batch_counts_as_failed(rollout_lab, tmp_path):
+    lab = rollout_lab
+    # back to one release everywhere first
+    reset = rollout(lab, "--data", "quantization=fp16", "--batch", "100%")
+    assert reset.returncode == 0, reset.output
+    before = (started_at(lab, NAMES[3]), unit_sha(lab, NAMES[3]))
+    out = _lose_host_during_batch(lab, tmp_path, NAMES[2], "link-cut")
+    try:
+        # the watchdog noticed: the host's SSH connection would otherwise hang
+        assert "llama3-gpu-03   host lost: no answer on its SSH port" in out
+        _assert_lost(out, NAMES[2], NAMES[3])
+        assert (started_at(lab, NAMES[3]), unit_sha(lab, NAMES[3])) == before
+        # still off the network at the start of the next rollout: reported, nothing changes
+        before_all = {n: started_at(lab, n) for n in NAMES if n != NAMES[2]}
+        again = rollout(lab, "--data", "quantization=fp16", "--break-lock")
+        assert again.returncode == 4, again.output
+        assert "1 host(s) unreachable: llama3-gpu-03; nothing changed" in again.output
+        assert "lock taken" not in again.output and "broke the lock" not in again.output
+        assert {n: started_at(lab, n) for n in before_all} == before_all
+    finally:
+        subprocess.run(["ip", "link", "set", lab.cfg.veth(3), "up"], check=True)
+    lab.wait_ssh(NAMES[2])
+    back = gpufleet(lab, "rollback", "inventories/do.py", "--limit", NAMES[2], "--break-lock",
+                    "--yes")
+    assert back.returncode == 0, back.output
+    assert currents(lab)[NAMES[2]] == SEEN["R2"] and chat(lab, NAMES[2])
+
+
+def test_releases_table_and_audit_trail(rollout_lab):
+    lab = rollout_lab
+    run = gpufleet(lab, "releases", "inventories/do.py")
+    assert run.returncode == 0 and "service llama3" in run.output
+    for name in NAMES:
+        row = next(ln for ln in run.output.splitlines() if ln.startswith(name))
+        assert "locked" not in row
+    audit = [json.loads(x) for x in lab.ssh(NAMES[0], "cat /var/lib/gpufleet/llama3/audit.log")
+             .stdout.splitlines()]
+    commands = [a["command"] for a in audit]
+    assert commands.count("rollout") >= 4 and commands.count("rollback") >= 1
+    assert all(a["rollout"] and a["by"] and a["finished"] for a in audit)
+    kept = lab.ssh(NAMES[0], f"ls {releases.releases_dir('llama3')}").stdout.split()
+    assert SEEN["R1"] in kept and SEEN["R2"] in kept

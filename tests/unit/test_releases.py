@@ -1,0 +1,252 @@
+"""Releases: ids, records, the host-side record/switch/lock scripts (run here on a temp dir)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from pyinfra.api import StringCommand
+from pyinfra.context import ctx_host, ctx_state
+from pyinfra_testing.util import FakeState, create_host
+
+from gpufleet import releases
+from gpufleet.facts.releases import ReleaseState, parse_state
+from gpufleet.operations import releases as release_ops
+from gpufleet.rollout import rollback_target
+from gpufleet.secrets import Secret
+from gpufleet.spec import build_spec
+
+BASE = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "image": "vllm/vllm-openai:v0.11.0", "quantization": "fp8"}
+SPEC = build_spec(BASE)
+ENV = Secret("HF_TOKEN='hf_SECRETSECRET'\nVLLM_API_KEY='gf-SECRETKEY'\n")
+UNIT = "[Service]\nExecStart=/usr/bin/docker run 'quoted' \"$HOME\" %h\n"
+
+
+def _release(spec=SPEC, unit=UNIT, env=ENV) -> releases.Release:
+    return releases.release_for(spec, unit, releases.sha256_text(env.reveal()))
+
+
+# -- ids and records ---------------------------------------------------------------------------
+
+
+def test_release_id_is_a_short_stable_content_hash():
+    a, b = _release(), _release()
+    assert a.id == b.id and len(a.id) == releases.ID_LENGTH and releases.is_release_id(a.id)
+
+
+@pytest.mark.parametrize("change", [
+    {"unit": UNIT + "# x\n"},
+    {"env": Secret("VLLM_API_KEY='other'\n")},
+    {"spec": build_spec({**BASE, "image": "vllm/vllm-openai:v0.11.1"})},
+    {"spec": build_spec({**BASE, "revision": "abc123"})},
+    {"spec": build_spec({**BASE, "quantization": "fp16"})},
+    {"spec": build_spec({**BASE, "model": "Qwen/Qwen2.5-7B-Instruct"})},
+])
+def test_every_input_changes_the_id(change):
+    assert _release(**change).id != _release().id
+
+
+def test_resolved_revision_and_sized_flags_count():
+    r = releases.release_for(SPEC, UNIT, "0" * 64, revision="c0ffee" * 6, flags=["--x", "1"])
+    assert r.revision == "c0ffee" * 6 and r.flags == ("--x", "1") and r.id != _release().id
+
+
+def test_record_keeps_the_env_digest_never_the_secrets():
+    record = _release().record(created="2026-01-01T00:00:00Z", by="alice@laptop")
+    text = releases.dumps(record)
+    assert "SECRET" not in text and "\n" not in text
+    assert record["env_sha256"] == releases.sha256_text(ENV.reveal())
+    assert record["deployed_by"] == "alice@laptop" and record["unit_name"] == SPEC.unit_name
+    assert record["unit_sha256"] == releases.sha256_text(UNIT)
+    assert record["quantization"] == "fp8" and record["port"] == 8000
+    assert "--quantization" in record["flags"]
+
+
+def test_lock_holder_round_trip_and_description():
+    h = releases.LockHolder(id="ab12cd34", command="rollout", who="bob@ctl", pid=42,
+                            started="2026-01-01T00:00:00Z", release="0123456789ab", hosts=4)
+    back = releases.LockHolder.from_doc(json.loads(h.to_json()))
+    assert back == h
+    assert h.describe() == ("rollout ab12cd34 to release 0123456789ab by bob@ctl (pid 42), "
+                            "started 2026-01-01T00:00:00Z")
+    assert releases.LockHolder.from_doc({"nope": 1}) is None
+
+
+# -- the fact ----------------------------------------------------------------------------------
+
+
+def test_release_state_parses_pointers_records_lock_and_unit():
+    rec = _release().record()
+    out = [f"current=releases/{rec['id']}", "previous=releases/0123456789ab",
+           f"release={releases.dumps(rec)}", "release=not json",
+           'lock={"id":"x1","who":"a@b","pid":1,"started":"t","command":"rollout"}',
+           "unit=" + "f" * 64]
+    st = parse_state(out)
+    assert st["current"] == rec["id"] and st["previous"] == "0123456789ab"
+    assert list(st["releases"]) == [rec["id"]]
+    assert st["locked"] and st["lock"]["who"] == "a@b" and st["unit_sha256"] == "f" * 64
+    empty = parse_state(["current=", "previous="])
+    assert empty["current"] is None and not empty["locked"] and empty["releases"] == {}
+
+
+def test_release_state_command_is_one_shell_line():
+    cmd = ReleaseState().command(service="llama3")
+    assert isinstance(cmd, StringCommand)
+    text = cmd.get_raw_value()
+    assert "/var/lib/gpufleet/llama3" in text and "gpufleet-llama3.service" in text
+
+
+# -- the operations, by their commands ----------------------------------------------------------
+
+
+def _op(op, facts, *args, **kwargs):
+    state = FakeState()
+    host = create_host(state, name="gpu-1", facts=facts)
+    with ctx_state.use(state), ctx_host.use(host):
+        commands = list(op._inner(*args, **kwargs))
+    return host, [c.get_raw_value() for c in commands]
+
+
+def _facts(**state):
+    full = {"current": None, "previous": None, "releases": {}, "locked": False, "lock": None,
+            "unit_sha256": None, **state}
+    return {"releases.ReleaseState": {"service=llama3": full}}
+
+
+def test_recorded_is_a_noop_reading_one_fact_when_current():
+    r = _release()
+    host, cmds = _op(release_ops.recorded, _facts(current=r.id), service="llama3",
+                     release_id=r.id, record=r.record(), unit=UNIT)
+    assert cmds == [] and host.noop_description == f"release {r.id} is current"
+
+
+def test_recorded_writes_one_command_without_secrets():
+    r = _release()
+    _, cmds = _op(release_ops.recorded, _facts(current="0123456789ab"), service="llama3",
+                  release_id=r.id, record=r.record(), unit=UNIT)
+    assert len(cmds) == 1 and "SECRET" not in cmds[0]
+    assert f"releases/{r.id}" in cmds[0]
+
+
+def test_unit_restored_fails_the_host_for_an_unknown_release():
+    _, cmds = _op(release_ops.unit_restored, _facts(), service="llama3",
+                  release_id="0123456789ab")
+    assert len(cmds) == 1 and "is not recorded here" in cmds[0] and "exit 1" in cmds[0]
+
+
+def test_unit_restored_noop_when_the_unit_in_place_is_the_release():
+    rec = _release().record()
+    host, cmds = _op(release_ops.unit_restored,
+                     _facts(releases={rec["id"]: rec}, unit_sha256=rec["unit_sha256"]),
+                     service="llama3", release_id=rec["id"])
+    assert cmds == [] and "unit in place" in host.noop_description
+
+
+# -- the scripts, run for real on a temporary root ------------------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setattr(releases, "ROOT", str(tmp_path / "var"))
+    monkeypatch.setattr(releases, "UNIT_DIR", str(tmp_path / "units"))
+    (tmp_path / "units").mkdir()
+    return tmp_path
+
+
+def _sh(command: StringCommand | str) -> subprocess.CompletedProcess:
+    text = command.get_raw_value() if isinstance(command, StringCommand) else command
+    return subprocess.run(["sh", "-c", text], capture_output=True, text=True)
+
+
+def _state(service: str = "llama3") -> dict:
+    out = _sh(ReleaseState().command(service=service))
+    assert out.returncode == 0, out.stderr
+    return parse_state(out.stdout.splitlines())
+
+
+def _record(unit: str) -> releases.Release:
+    r = _release(unit=unit)
+    _, cmds = _op(release_ops.recorded, {"releases.ReleaseState": {"service=llama3": _state()}},
+                  service="llama3", release_id=r.id, record=r.record(), unit=unit)
+    for c in cmds:
+        assert _sh(c).returncode == 0
+    return r
+
+
+def test_record_switch_keep_previous_and_prune(root):
+    first = _record("unit one\n")
+    st = _state()
+    assert st["current"] == first.id and st["previous"] is None
+    saved = Path(releases.release_dir("llama3", first.id)) / "unit"
+    assert saved.read_text() == "unit one\n"
+    second = _record("unit two\n")
+    st = _state()
+    assert (st["current"], st["previous"]) == (second.id, first.id)
+    # a re-run of the same release changes nothing (no command)
+    _, cmds = _op(release_ops.recorded, {"releases.ReleaseState": {"service=llama3": st}},
+                  service="llama3", release_id=second.id, record=second.record(),
+                  unit="unit two\n")
+    assert cmds == []
+    # switch back (a rollback): pointers swap
+    _, cmds = _op(release_ops.activated, {"releases.ReleaseState": {"service=llama3": st}},
+                  service="llama3", release_id=first.id)
+    assert _sh(cmds[0]).returncode == 0
+    assert (_state()["current"], _state()["previous"]) == (first.id, second.id)
+    # many more releases: only KEEP_RELEASES kept, current and previous among them
+    ids = [_record(f"unit {i}\n").id for i in range(releases.KEEP_RELEASES + 3)]
+    st = _state()
+    assert len(st["releases"]) == releases.KEEP_RELEASES
+    assert st["current"] == ids[-1] and st["previous"] == ids[-2]
+
+
+def test_unit_restored_puts_the_recorded_unit_back(root):
+    first = _record("unit one\n")
+    _record("unit two\n")
+    live = Path(releases.unit_path("llama3"))
+    live.write_text("unit two\n")
+    st = _state()
+    assert st["unit_sha256"] == releases.sha256_text("unit two\n")
+    assert rollback_target(st) == first.id  # the unit in place is current's: go to previous
+    cmd = release_ops.unit_restored._inner  # run without chown (not root in every test env)
+    state = FakeState()
+    host = create_host(state, facts={"releases.ReleaseState": {"service=llama3": st}})
+    with ctx_state.use(state), ctx_host.use(host):
+        (command,) = list(cmd(service="llama3", release_id=first.id))
+    text = command.get_raw_value().replace("-o root -g root ", "")
+    assert _sh(text).returncode == 0
+    assert live.read_text() == "unit one\n"
+
+
+def test_rollback_target_prefers_current_when_a_deploy_did_not_finish():
+    st = {"current": "aaaaaaaaaaaa", "previous": "bbbbbbbbbbbb", "unit_sha256": "new",
+          "releases": {"aaaaaaaaaaaa": {"unit_sha256": "old"}}}
+    assert rollback_target(st) == "aaaaaaaaaaaa"
+    st["unit_sha256"] = "old"
+    assert rollback_target(st) == "bbbbbbbbbbbb"
+    assert rollback_target({"current": None, "previous": None, "releases": {}}) is None
+
+
+def test_lock_is_exclusive_names_its_holder_and_is_released_only_by_it(root):
+    a = releases.LockHolder(id="aaaa1111", command="rollout", who="a@ctl", pid=1, started="t")
+    b = releases.LockHolder(id="bbbb2222", command="rollback", who="b@ctl", pid=2, started="t")
+    assert _sh(release_ops.lock_command("llama3", a)).returncode == 0
+    second = _sh(release_ops.lock_command("llama3", b))
+    assert second.returncode == 3
+    lines = second.stdout.splitlines()
+    assert lines[0] == "LOCKED" and json.loads(lines[1])["who"] == "a@ctl"
+    assert _state()["locked"]
+    # b's release does not remove a's lock; the audit line is written anyway
+    assert _sh(release_ops.unlock_command("llama3", b.id, '{"x":1}')).returncode == 0
+    assert _state()["locked"]
+    assert _sh(release_ops.unlock_command("llama3", a.id, '{"y":2}')).returncode == 0
+    assert not _state()["locked"]
+    audit = Path(releases.audit_log("llama3")).read_text().splitlines()
+    assert audit == ['{"x":1}', '{"y":2}']
+    # a stale lock is broken explicitly, saying whose it was
+    assert _sh(release_ops.lock_command("llama3", a)).returncode == 0
+    broke = _sh(release_ops.lock_command("llama3", b, break_lock=True))
+    assert broke.returncode == 0 and broke.stdout.startswith("BROKEN {")
+    assert _state()["lock"]["id"] == b.id
