@@ -6,6 +6,7 @@ call :func:`vllm_service` with an already validated spec.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 from importlib import resources
@@ -48,8 +49,6 @@ def spec_overrides(data_source: object) -> dict[str, object]:
 
 def _check_override_keys(keys: list[str]) -> None:
     """A misspelled ``--data`` key would be silently ignored by pyinfra: refuse close misses."""
-    import difflib
-
     for key in keys:
         if key in SPEC_KEYS or key.startswith(_PYINFRA_DATA_PREFIXES):
             continue
@@ -76,23 +75,8 @@ def vllm_args(spec: ServiceSpec, commit: str | None = None,
               plan: planner.Plan | None = None) -> list[str]:
     """``vllm serve`` arguments: the spec's, with the revision pinned to the resolved commit and
     the sizing flags (tensor parallel, utilization, lengths, quantization) from the host's plan."""
-    args = spec.vllm_args(spec.gpu_count)
-    if commit:
-        args[args.index("--revision") + 1] = commit
-    if plan is None:
-        return args
-    sized = {"--tensor-parallel-size", "--gpu-memory-utilization", "--max-model-len",
-             "--max-num-seqs", "--quantization", "--dtype", "--kv-cache-dtype"}
-    kept, i = [], 0
-    while i < len(args):
-        if args[i] in sized:
-            i += 2
-            continue
-        kept.append(args[i])
-        i += 1
-    extra = len(spec.extra_args)
-    head, tail = kept[:len(kept) - extra - 1], kept[len(kept) - extra - 1:]
-    return head + list(plan.flags) + tail
+    return spec.vllm_args(spec.gpu_count, revision=commit,
+                          sizing=list(plan.flags) if plan is not None else None)
 
 
 def render_unit(spec: ServiceSpec, commit: str | None = None,

@@ -118,13 +118,24 @@ class ServiceSpec:
     def min_compute_capability(self) -> tuple[int, int]:
         return MIN_COMPUTE_CAPABILITY.get(self.quantization, VLLM_MIN_COMPUTE_CAPABILITY)
 
-    def vllm_args(self, gpu_count: int | None = None) -> list[str]:
+    def vllm_args(self, gpu_count: int | None = None, revision: str | None = None,
+                  sizing: list[str] | None = None) -> list[str]:
         """The arguments of ``vllm serve``: the model tag (positional; ``--model`` is deprecated
-        since vLLM 0.11), then the flags."""
-        args = [self.model, "--revision", self.revision]
+        since vLLM 0.11), then the flags. ``revision`` pins a resolved commit; ``sizing``
+        replaces the spec's sizing flags (a plan's: tensor parallel, utilization, lengths,
+        quantization, kv-cache dtype)."""
+        args = [self.model, "--revision", revision or self.revision]
         args += ["--served-model-name", self.name_served]
         args += ["--host", "0.0.0.0", "--port", str(self.port)]
-        args += ["--gpu-memory-utilization", _format_float(self.gpu_memory_utilization)]
+        args += self.sizing_args(gpu_count) if sizing is None else list(sizing)
+        args.append("--enable-prefix-caching" if self.enable_prefix_caching
+                    else "--no-enable-prefix-caching")
+        args += list(self.extra_args)
+        return args
+
+    def sizing_args(self, gpu_count: int | None = None) -> list[str]:
+        """The sizing flags as the spec states them (the planner computes them per host)."""
+        args = ["--gpu-memory-utilization", _format_float(self.gpu_memory_utilization)]
         if self.max_model_len is not None:
             args += ["--max-model-len", str(self.max_model_len)]
         if self.max_num_seqs is not None:
@@ -137,9 +148,6 @@ class ServiceSpec:
             args += list(quant)
         if self.kv_cache_dtype != "auto":
             args += ["--kv-cache-dtype", self.kv_cache_dtype]
-        args.append("--enable-prefix-caching" if self.enable_prefix_caching
-                    else "--no-enable-prefix-caching")
-        args += list(self.extra_args)
         return args
 
     def as_dict(self) -> dict[str, Any]:
