@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from gpufleet.lab.httpserve import base_url, serve_until_interrupted
+
 HostRecord = dict[str, Any]
 DropletsSource = str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Callable[[], list]
 
@@ -988,13 +990,6 @@ def make_server(
     return server
 
 
-def base_url(server: ThreadingHTTPServer) -> str:
-    host, port = server.server_address[:2]
-    if isinstance(host, bytes):
-        host = host.decode()
-    return f"http://{host}:{port}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Lab stand-in for the DigitalOcean API (not DigitalOcean)."
@@ -1013,13 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"set {args.token_env}")
     server = make_server(args.host, args.port, token, args.lab_json)
     print(base_url(server), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_interrupted(server)
 
 
 if __name__ == "__main__":

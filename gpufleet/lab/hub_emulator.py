@@ -93,6 +93,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from gpufleet.lab import tinymodel
+from gpufleet.lab.httpserve import base_url
 from gpufleet.lab.tinymodel import RepoFile, Revision
 
 REPO_PUBLIC = "gpufleet-lab/tiny-llama"
@@ -958,13 +959,6 @@ def make_hub_servers(hosts: Iterable[str], port: int, tokens: HubTokens | None =
             s.server_close()
         raise
     return servers
-
-
-def base_url(server: ThreadingHTTPServer) -> str:
-    host, port = server.server_address[:2]
-    if isinstance(host, bytes):
-        host = host.decode()
-    return f"http://{host}:{port}"
 
 
 def main(argv: list[str] | None = None) -> int:

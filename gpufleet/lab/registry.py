@@ -31,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 
+from gpufleet.lab.httpserve import serve_until_interrupted
 from gpufleet.lab.images import MEDIA_MANIFEST_V2, ImageInfo
 
 API_VERSION_HEADER = ("Docker-Distribution-API-Version", "registry/2.0")
@@ -276,13 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     server = make_registry_server(host, port, images, log=sys.stderr)
     print(f"registry stand-in on http://{host}:{server.server_address[1]} serving "
           + ", ".join(i.reference for i in images), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
+    return serve_until_interrupted(server)
 
 
 if __name__ == "__main__":

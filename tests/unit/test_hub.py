@@ -28,7 +28,7 @@ from gpufleet.hub import (
 )
 from gpufleet.lab import hub_emulator as he
 from gpufleet.lab import tinymodel
-from gpufleet.lab.hub_emulator import HubServer, base_url, make_hub_server
+from gpufleet.lab.hub_emulator import HubServer, base_url
 from gpufleet.modelshape import ModelShape
 from gpufleet.secrets import Secret
 
@@ -73,18 +73,8 @@ def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 
 @pytest.fixture
-def hub_server() -> Iterator[Callable[..., HubServer]]:
-    servers: list[HubServer] = []
-
-    def start(**options: Any) -> HubServer:
-        server = make_hub_server("127.0.0.1", 0, **options)
-        server.start_background()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
+def hub_server(hub_servers: Callable[..., HubServer]) -> Callable[..., HubServer]:
+    return hub_servers
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from huggingface_hub.utils._http import default_client_factory, hf_request_event
 
 from gpufleet.lab import hub_emulator as he
 from gpufleet.lab import tinymodel
-from gpufleet.lab.hub_emulator import HubServer, base_url, make_hub_server, make_hub_servers
+from gpufleet.lab.hub_emulator import HubServer, base_url, make_hub_servers
 
 PUBLIC, GATED = he.REPO_PUBLIC, he.REPO_GATED
 MAIN, NEXT = tinymodel.COMMIT_MAIN, tinymodel.COMMIT_NEXT
@@ -85,18 +85,8 @@ def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
 
 
 @pytest.fixture
-def hub() -> Iterator[Callable[..., HubServer]]:
-    servers: list[HubServer] = []
-
-    def start(**options: Any) -> HubServer:
-        server = make_hub_server("127.0.0.1", 0, **options)
-        server.start_background()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
+def hub(hub_servers: Callable[..., HubServer]) -> Callable[..., HubServer]:
+    return hub_servers
 
 
 @pytest.fixture
