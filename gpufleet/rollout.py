@@ -841,8 +841,20 @@ class Driver:
         return self.inventory.get_host(name)
 
     def _run_deploy(self, names: list[str], verb: str, fn: Callable[..., Any], *args: Any,
-                    stage: str) -> dict[str, Outcome]:
-        """One pyinfra State: connect, define ``fn`` on the hosts, run it under the watchdog."""
+                    stage: str, retried: bool = False) -> dict[str, Outcome]:
+        """One pyinfra State: connect, define ``fn`` on the hosts, run it under the watchdog.
+
+        When a lost host's greenlet ends pyinfra's run (its connection was cut), the hosts that
+        were still fine are deployed once more in a fresh State: the deploy is idempotent, so
+        they carry on where they were instead of failing with the lost host."""
+        outcomes, rerun = self._run_deploy_once(names, verb, fn, *args, stage=stage,
+                                                retried=retried)
+        if rerun:
+            outcomes.update(self._run_deploy(rerun, verb, fn, *args, stage=stage, retried=True))
+        return outcomes
+
+    def _run_deploy_once(self, names: list[str], verb: str, fn: Callable[..., Any], *args: Any,
+                         stage: str, retried: bool) -> tuple[dict[str, Outcome], list[str]]:
         import gevent
 
         start = time.monotonic()
@@ -850,6 +862,7 @@ class Driver:
         state = self._state(names, live)
         outcomes: dict[str, Outcome] = {}
         lost: dict[str, str] = {}
+        rerun: list[str] = []
         try:
             self._connect(state)
             hosts = [h for h in state.inventory if h in state.active_hosts]
@@ -864,17 +877,21 @@ class Driver:
                     except PyinfraError as e:  # nothing ran: every host of the batch fails
                         for h in hosts:
                             outcomes[h.name] = Outcome(False, str(e))
-                        return outcomes
+                        return outcomes, rerun
                 watchdog = gevent.spawn(self._watch, state, hosts, lost)
                 t = time.monotonic()
                 try:
                     run_ops(state)
                 except PyinfraError:
                     pass  # "No hosts remaining!": every host failed
-                except Exception as e:  # noqa: BLE001 - a host's greenlet died: fail what is left
-                    for h in hosts:
-                        if h in state.active_hosts and h.name not in lost:
-                            lost[h.name] = f"the deploy stopped: {type(e).__name__}: {e}"
+                except Exception as e:  # noqa: BLE001 - a host's greenlet died
+                    alive = [h.name for h in hosts
+                             if h in state.active_hosts and h.name not in lost]
+                    if lost and alive and not retried:
+                        rerun = alive  # a cut-off host ended the run: the others go again
+                    else:
+                        for name in alive:
+                            lost[name] = f"the deploy stopped: {type(e).__name__}: {e}"
                 finally:
                     watchdog.kill()
                     self._time(f"{stage}_ops_s", t)
@@ -882,6 +899,8 @@ class Driver:
                         self.report.timings.get(f"{stage}_health_wait_s", 0) + live.health_wait,
                         3)
             for h in hosts:
+                if h.name in rerun:
+                    continue
                 took = live.last_seen.get(h.name, time.monotonic()) - start
                 release = h.data.get(release_ops.DATA_KEY)
                 if h in state.failed_hosts and h.name not in lost and not self.probe(h):
@@ -894,7 +913,7 @@ class Driver:
                                                release=release)
                 else:
                     outcomes[h.name] = Outcome(True, "", took, release=release)
-            return outcomes
+            return outcomes, rerun
         finally:
             self._shutdown(state)
 

@@ -294,3 +294,28 @@ def test_cli_parses_the_rollout_options_and_prints_the_table():
     assert "gpu-01  canary   aaaaaaaaaaaa  bbbbbbbbbbbb  failed, rolled back  23.0s" in text
     assert "gpu-02  batch 2  aaaaaaaaaaaa  bbbbbbbbbbbb  not reached" in text
     assert "rollout ab12cd34 aborted in 28.0s (exit 3): canary: 1 host(s) failed" in text
+
+
+def test_a_lost_hosts_dying_greenlet_does_not_fail_its_batch_mates(deploy_file, monkeypatch):
+    """Cutting a lost host's connection can end pyinfra's whole run with that host's exception
+    (EOFError from paramiko): the batch mates are deployed again, not failed with it."""
+    import gevent
+
+    real_run_ops = rollout.run_ops
+    calls = []
+
+    def run_ops(state, *args, **kwargs):
+        names = sorted(h.name for h in state.inventory)
+        calls.append(names)
+        if "@fake/gpu-03" in names and len([c for c in calls if "@fake/gpu-03" in c]) == 1:
+            gevent.sleep(0.2)  # the watchdog marks gpu-03 lost meanwhile
+            raise EOFError()
+        return real_run_ops(state, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "run_ops", run_ops)
+    driver, events = lost_fleet_driver()
+    driver.opts.deploy = str(deploy_file)
+    report = driver.run()
+    assert report.host("@fake/gpu-02").result == rollout.HEALTHY
+    assert report.host("@fake/gpu-03").result == rollout.ROLLBACK_FAILED
+    assert ["@fake/gpu-02"] in calls  # deployed again on its own
