@@ -5,27 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
 from gpufleet import secrets
-from gpufleet.spec import load_spec
+from gpufleet.lab.hosts import LabError
+from gpufleet.spec import SPEC_KEYS, check_data_keys, load_spec
 
 
-def _parse_data(pairs: list[str]) -> dict[str, str]:
+def _parse_data(pairs: list[str]) -> dict[str, object]:
+    """``--data key=value`` pairs, the values parsed as pyinfra's CLI parses them (true/false,
+    integers, JSON, else the text), so check sees what the deploy will see."""
+    # rollout's copy of pyinfra_cli.util.parse_cli_arg: importing pyinfra_cli patches gevent
+    from gpufleet.rollout import parse_value as parse_cli_arg
+
     data = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"gpufleet: --data expects key=value, got {pair!r}")
-        data[key] = value
+        data[key] = parse_cli_arg(value)
     return data
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec, overrides=_parse_data(args.data), environ=os.environ)
+    data = _parse_data(args.data)
+    check_data_keys(data)  # the deploy refuses the same keys
+    overrides = {k: v for k, v in data.items() if k in SPEC_KEYS and v is not None}
+    spec = load_spec(args.spec, overrides=overrides, environ=os.environ)
     if args.json:
         print(json.dumps({"spec": spec.as_dict(), "vllm_args": spec.vllm_args(spec.gpu_count)},
                          indent=2))
@@ -34,7 +44,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     width = max(len(k) for k in spec.as_dict())
     for key, value in spec.as_dict().items():
         print(f"  {key:<{width}}  {value}")
-    print("  vllm serve " + " ".join(spec.vllm_args(spec.gpu_count)))
+    print("  vllm serve " + shlex.join(spec.vllm_args(spec.gpu_count)))
     return 0
 
 
@@ -90,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except PyinfraError as e:
         print(f"gpufleet: {e}", file=sys.stderr)
         return 2
+    except LabError as e:  # gpufleet lab ...: one line, no traceback
+        print(f"gpufleet lab: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ owns are refused in ``extra_args`` so there is one place for each setting.
 from __future__ import annotations
 
 import difflib
+import re
 
 # Flags that the spec sets itself: pass them through spec keys, not extra_args.
 SPEC_OWNED: dict[str, str] = {
@@ -34,89 +35,184 @@ SPEC_OWNED: dict[str, str] = {
 # Secrets never go on a command line (they would show in `ps` and the unit file).
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
-KNOWN_FLAGS: frozenset[str] = frozenset({
-    # OpenAI-compatible server
-    "--uvicorn-log-level", "--disable-uvicorn-access-log", "--allow-credentials",
-    "--allowed-origins", "--allowed-methods", "--allowed-headers", "--lora-modules",
-    "--chat-template", "--chat-template-content-format", "--response-role", "--ssl-keyfile",
-    "--ssl-certfile", "--ssl-ca-certs", "--enable-ssl-refresh", "--ssl-cert-reqs",
-    "--root-path", "--middleware", "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing",
-    "--enable-request-id-headers", "--enable-auto-tool-choice", "--tool-call-parser",
-    "--tool-parser-plugin", "--reasoning-parser", "--log-config-file", "--max-log-len",
-    "--disable-fastapi-docs", "--enable-prompt-tokens-details", "--enable-server-load-tracking",
-    "--enable-force-include-usage", "--enable-tokenizer-info-endpoint", "--disable-log-requests",
-    "--enable-log-requests", "--disable-log-stats", "--api-server-count", "--config",
-    "--h11-max-incomplete-event-size", "--h11-max-header-count", "--uds",
-    # model
-    "--task", "--runner", "--convert", "--tokenizer", "--tokenizer-mode", "--trust-remote-code",
-    "--seed", "--hf-config-path", "--allowed-local-media-path", "--code-revision",
-    "--rope-scaling", "--rope-theta", "--tokenizer-revision", "--max-logprobs",
-    "--logprobs-mode", "--disable-sliding-window", "--disable-cascade-attn", "--skip-tokenizer-init",
-    "--enable-prompt-embeds", "--hf-overrides", "--enforce-eager", "--max-seq-len-to-capture",
-    "--generation-config", "--override-generation-config", "--enable-sleep-mode",
-    "--model-impl", "--override-attention-dtype", "--logits-processors", "--io-processor-plugin",
-    "--pooler-config", "--override-pooler-config",
-    # load
-    "--load-format", "--model-loader-extra-config", "--ignore-patterns", "--use-tqdm-on-load",
-    "--pt-load-map-location", "--safetensors-load-strategy",
-    # parallel
-    "--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp", "--data-parallel-rank",
-    "--data-parallel-size-local", "--data-parallel-address", "--data-parallel-rpc-port",
-    "--data-parallel-backend", "--data-parallel-hybrid-lb", "--enable-expert-parallel",
-    "--enable-eplb", "--eplb-config", "--max-parallel-loading-workers",
-    "--ray-workers-use-nsight", "--disable-custom-all-reduce", "--worker-cls",
-    "--worker-extension-cls", "--enable-multimodal-encoder-data-parallel",
-    "--distributed-executor-backend", "--decode-context-parallel-size",
-    # cache
-    "--block-size", "--swap-space", "--cpu-offload-gb", "--calculate-kv-scales",
-    "--kv-cache-memory", "--kv-sharing-fast-prefill", "--mamba-cache-dtype",
-    "--mamba-ssm-cache-dtype", "--prefix-caching-hash-algo", "--num-gpu-blocks-override",
-    "--kv-offloading-size", "--kv-offloading-backend",
-    # multimodal
-    "--limit-mm-per-prompt", "--media-io-kwargs", "--mm-processor-kwargs",
-    "--mm-processor-cache-gb", "--disable-mm-preprocessor-cache", "--mm-encoder-tp-mode",
-    "--interleave-mm-strings", "--skip-mm-profiling",
-    # lora
-    "--enable-lora", "--enable-lora-bias", "--max-loras", "--max-lora-rank", "--lora-dtype",
-    "--max-cpu-loras", "--fully-sharded-loras", "--default-mm-loras",
-    # scheduler
-    "--max-num-batched-tokens", "--max-num-partial-prefills", "--max-long-partial-prefills",
-    "--long-prefill-token-threshold", "--num-lookahead-slots", "--scheduling-policy",
-    "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--disable-chunked-mm-input",
-    "--scheduler-cls", "--disable-hybrid-kv-cache-manager", "--async-scheduling",
-    "--cuda-graph-sizes",
-    # observability, compilation, misc
-    "--show-hidden-metrics-for-version", "--otlp-traces-endpoint", "--collect-detailed-traces",
-    "--speculative-config", "--kv-transfer-config", "--kv-events-config",
-    "--compilation-config", "-O", "--additional-config", "--structured-outputs-config",
-    "--reasoning-parser-plugin", "--guided-decoding-backend",
-    "--enable-log-outputs", "--headless", "--data-parallel-start-rank",
-})
+# How vLLM v0.11's argparse takes each flag (vllm/engine/arg_utils.py, vllm/entrypoints/openai/
+# cli_args.py, vllm/entrypoints/cli/serve.py). In v0.11 a bool field of the engine and frontend
+# dataclasses becomes an ``argparse.BooleanOptionalAction`` (``--x`` and ``--no-x``, no value);
+# a list field takes one or more values (``nargs="+"``); everything else takes exactly one value.
+SWITCH = "switch"          # BooleanOptionalAction: --x / --no-x, never a value
+STORE_TRUE = "store_true"  # --x only (no --no-x), never a value
+VALUE = "value"            # exactly one value: --x V or --x=V
+VALUES = "values"          # nargs="+": one or more values (--x=V gives exactly one)
+
+FLAG_TABLE: dict[str, tuple[str, ...]] = {
+    SWITCH: (
+        # frontend
+        "--disable-uvicorn-access-log", "--allow-credentials", "--enable-ssl-refresh",
+        "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing",
+        "--enable-request-id-headers", "--enable-auto-tool-choice", "--disable-fastapi-docs",
+        "--enable-prompt-tokens-details", "--enable-server-load-tracking",
+        "--enable-force-include-usage", "--enable-tokenizer-info-endpoint", "--enable-log-outputs",
+        "--disable-log-requests", "--enable-log-requests",
+        # model, load, parallel
+        "--trust-remote-code", "--disable-sliding-window", "--disable-cascade-attn",
+        "--skip-tokenizer-init", "--enable-prompt-embeds", "--enforce-eager", "--enable-sleep-mode",
+        "--use-tqdm-on-load", "--data-parallel-hybrid-lb", "--enable-expert-parallel",
+        "--enable-eplb", "--ray-workers-use-nsight", "--disable-custom-all-reduce",
+        "--enable-multimodal-encoder-data-parallel",
+        # cache, multimodal, lora, scheduler
+        "--calculate-kv-scales", "--disable-mm-preprocessor-cache", "--interleave-mm-strings",
+        "--skip-mm-profiling", "--enable-lora", "--enable-lora-bias", "--fully-sharded-loras",
+        "--enable-chunked-prefill", "--disable-chunked-mm-input",
+        "--disable-hybrid-kv-cache-manager", "--async-scheduling",
+    ),
+    # added by hand with action="store_true" (no --no- form); when unsure, the narrower kind
+    STORE_TRUE: ("--headless", "--disable-log-stats", "--kv-sharing-fast-prefill"),
+    VALUES: (
+        "--lora-modules", "--logits-processors", "--ignore-patterns", "--cuda-graph-sizes",
+        "--collect-detailed-traces",
+    ),
+    VALUE: (
+        # OpenAI-compatible server
+        "--uvicorn-log-level", "--allowed-origins", "--allowed-methods", "--allowed-headers",
+        "--chat-template", "--chat-template-content-format", "--response-role", "--ssl-keyfile",
+        "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--root-path", "--middleware",
+        "--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser", "--log-config-file",
+        "--max-log-len", "--api-server-count", "--config", "--h11-max-incomplete-event-size",
+        "--h11-max-header-count", "--uds",
+        # model
+        "--task", "--runner", "--convert", "--tokenizer", "--tokenizer-mode", "--seed",
+        "--hf-config-path", "--allowed-local-media-path", "--code-revision", "--rope-scaling",
+        "--rope-theta", "--tokenizer-revision", "--max-logprobs", "--logprobs-mode",
+        "--hf-overrides", "--max-seq-len-to-capture", "--generation-config",
+        "--override-generation-config", "--model-impl", "--override-attention-dtype",
+        "--io-processor-plugin", "--pooler-config", "--override-pooler-config",
+        # load
+        "--load-format", "--model-loader-extra-config", "--pt-load-map-location",
+        "--safetensors-load-strategy",
+        # parallel
+        "--pipeline-parallel-size", "--data-parallel-size", "--data-parallel-rank",
+        "--data-parallel-size-local", "--data-parallel-address", "--data-parallel-rpc-port",
+        "--data-parallel-backend", "--eplb-config", "--max-parallel-loading-workers",
+        "--worker-cls", "--worker-extension-cls", "--distributed-executor-backend",
+        "--decode-context-parallel-size", "--data-parallel-start-rank",
+        # cache
+        "--block-size", "--swap-space", "--cpu-offload-gb", "--kv-cache-memory",
+        "--mamba-cache-dtype", "--mamba-ssm-cache-dtype", "--prefix-caching-hash-algo",
+        "--num-gpu-blocks-override", "--kv-offloading-size", "--kv-offloading-backend",
+        # multimodal, lora
+        "--limit-mm-per-prompt", "--media-io-kwargs", "--mm-processor-kwargs",
+        "--mm-processor-cache-gb", "--mm-encoder-tp-mode", "--max-loras", "--max-lora-rank",
+        "--lora-dtype", "--max-cpu-loras", "--default-mm-loras",
+        # scheduler
+        "--max-num-batched-tokens", "--max-num-partial-prefills", "--max-long-partial-prefills",
+        "--long-prefill-token-threshold", "--num-lookahead-slots", "--scheduling-policy",
+        "--scheduler-cls",
+        # observability, compilation, misc
+        "--show-hidden-metrics-for-version", "--otlp-traces-endpoint", "--speculative-config",
+        "--kv-transfer-config", "--kv-events-config", "--compilation-config",
+        "--additional-config", "--structured-outputs-config", "--reasoning-parser-plugin",
+        "--guided-decoding-backend",
+    ),
+}
+
+# short spellings (a single-dash alias never gets a --no- form)
+ALIASES: dict[str, str] = {
+    "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size", "-O": "--compilation-config",
+}
+
+
+def _flag_kinds() -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    for kind, flags in FLAG_TABLE.items():
+        for flag in flags:
+            kinds[flag] = kind
+            if kind == SWITCH:
+                kinds["--no-" + flag[2:]] = SWITCH
+    for alias, flag in ALIASES.items():
+        kinds[alias] = kinds[flag]
+    return kinds
+
+
+# every accepted spelling -> how it takes values
+FLAG_KINDS: dict[str, str] = _flag_kinds()
+KNOWN_FLAGS: frozenset[str] = frozenset(FLAG_KINDS)
+
+# argparse reads "-1" or "-.5" as a value, anything else starting with "-" as a flag
+_NEGATIVE_NUMBER = re.compile(r"-\d+|-\d*\.\d+", re.ASCII)
 
 
 def _flag_name(arg: str) -> str:
-    return arg.split("=", 1)[0]
+    """The flag as vLLM's FlexibleArgumentParser sees it: ``--max_num_seqs=8`` is
+    ``--max-num-seqs``."""
+    name = arg.split("=", 1)[0]
+    return name.replace("_", "-") if name.startswith("--") else name
+
+
+def _show(word: str) -> str:
+    """A word for a one-line message: repr (so control characters show escaped), cut short."""
+    text = repr(word)
+    return text if len(text) <= 60 else text[:50] + "...' (" + str(len(word)) + " chars)"
+
+
+def _is_value(arg: str) -> bool:
+    return not arg.startswith("-") or bool(_NEGATIVE_NUMBER.fullmatch(arg))
+
+
+def _refused(flag: str) -> str | None:
+    if flag in SECRET_FLAGS:
+        return (f"must not contain {flag}: secrets never go on the command line; gpufleet "
+                "passes VLLM_API_KEY to vLLM and HF_TOKEN to the weight staging through "
+                "root-only files")
+    if flag in SPEC_OWNED:
+        return f"must not contain {flag}: set the spec key {SPEC_OWNED[flag]!r} instead"
+    if flag not in KNOWN_FLAGS:
+        close = difflib.get_close_matches(flag, sorted(KNOWN_FLAGS | set(SPEC_OWNED)), n=1,
+                                          cutoff=0.7)
+        hint = ""
+        if close:
+            real = close[0]
+            hint = f"; did you mean {real}?"
+            if real in SPEC_OWNED:
+                hint += f" (set the spec key {SPEC_OWNED[real]!r} instead)"
+        shown = flag if flag.isprintable() and len(flag) <= 60 else _show(flag)
+        return f"has an unknown vLLM flag {shown}{hint} (vllm serve would refuse to start)"
+    return None
 
 
 def check_extra_args(args: tuple[str, ...] | list[str]) -> str | None:
-    """Return a message for the first bad flag in ``args``, or None when they look right."""
-    for arg in args:
-        if not arg.startswith("-") or arg in ("-",):
-            continue  # a value of the previous flag
+    """Return a message for the first problem in ``args``, or None when vLLM's argparse would
+    take them: known flags only, a value after each flag that takes one and after no other."""
+    i = 0
+    previous: str | None = None
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return "must not contain '--' (argparse would read every later word as positional)"
+        if _is_value(arg) or arg == "-":
+            after = (f": {previous} takes no value" if previous and
+                     FLAG_KINDS.get(previous) in (SWITCH, STORE_TRUE) else "")
+            return (f"has the word {_show(arg)} where a flag is expected{after} (vllm serve "
+                    "would refuse to start: unrecognized arguments); the model is the spec "
+                    "key 'model', and a value goes right after the flag that takes it")
         flag = _flag_name(arg)
-        if flag in SECRET_FLAGS:
-            return (f"must not contain {flag}: secrets never go on the command line; gpufleet "
-                    "passes VLLM_API_KEY and HF_TOKEN through the root-only env file")
-        if flag in SPEC_OWNED:
-            return (f"must not contain {flag}: set the spec key {SPEC_OWNED[flag]!r} instead")
-        if flag not in KNOWN_FLAGS:
-            close = difflib.get_close_matches(flag, sorted(KNOWN_FLAGS | set(SPEC_OWNED)), n=1,
-                                              cutoff=0.7)
-            hint = ""
-            if close:
-                real = close[0]
-                hint = f"; did you mean {real}?"
-                if real in SPEC_OWNED:
-                    hint += f" (set the spec key {SPEC_OWNED[real]!r} instead)"
-            return f"has an unknown vLLM flag {flag}{hint} (vllm serve would refuse to start)"
+        problem = _refused(flag)
+        if problem:
+            return problem
+        kind = FLAG_KINDS[flag]
+        explicit = "=" in arg
+        i += 1
+        if kind in (SWITCH, STORE_TRUE):
+            if explicit:
+                return f"has {_show(arg)}, but {flag} is a switch and takes no value (write {flag})"
+        elif explicit:
+            if not arg.split("=", 1)[1]:
+                return f"has {_show(arg)}: {flag} needs a value ({flag}=VALUE)"
+        else:
+            if i >= len(args) or not _is_value(args[i]) or not args[i]:
+                return (f"has {flag} without a value: it takes one ({flag} VALUE or "
+                        f"{flag}=VALUE); vllm serve would refuse to start")
+            i += 1
+            while kind == VALUES and i < len(args) and _is_value(args[i]):
+                i += 1
+        previous = flag
     return None

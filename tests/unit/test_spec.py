@@ -126,3 +126,201 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="must be a mapping"):
         load_spec(listy)
+
+
+# -- issue 8: every input is data -----------------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["service", "model", "revision", "image", "served_model_name",
+                                   "models_dir", "compile_cache_dir", "bind_address",
+                                   "toolkit_version", "docker_package"])
+def test_a_trailing_newline_never_passes_a_pattern(field):
+    """``$`` matches before a trailing newline: every pattern is a fullmatch now."""
+    good = build_spec(BASE).as_dict()[field] or "llama3-8b"
+    with pytest.raises(SpecError, match=field):
+        build_spec({**BASE, field: f"{good}\n"})
+
+
+@pytest.mark.parametrize("value,stored", [
+    ("/opt/models/", "/opt/models"),
+    ("/srv/a/../b", "/srv/b"),
+    ("//data///hf/./cache", "/data/hf/cache"),
+    ("/mnt/volume_fra1_01/models", "/mnt/volume_fra1_01/models"),
+    ("/var/lib/gpufleet-models", "/var/lib/gpufleet-models"),
+    ("/root/models", "/root/models"),
+])
+def test_dirs_are_stored_normalized(value, stored):
+    spec = build_spec({**BASE, "models_dir": value, "compile_cache_dir": value + "/cache"})
+    assert spec.models_dir == stored
+    assert spec.compile_cache_dir == stored + "/cache"
+
+
+@pytest.mark.parametrize("value", [
+    "/", "/opt/../root", "/opt/models/../../etc", "/root", "/opt", "/var", "/var/lib", "/tmp",
+    "/home", "/srv", "/usr/local/models", "/etc/gpufleet", "/proc/self", "/sys/x", "/dev/shm",
+    "/boot/x", "/lib/x", "/bin/x", "//", "/./", "/opt/x/../..",
+])
+def test_system_dirs_are_refused_after_normalization(value):
+    """Finding 2: /opt/../root passed and the deploy chmodded /root to 0755."""
+    for key in ("models_dir", "compile_cache_dir"):
+        with pytest.raises(SpecError, match=f"{key} must be an absolute directory of its own"):
+            build_spec({**BASE, key: value})
+
+
+@pytest.mark.parametrize("args", [
+    ["foo", "bar"], ["--enforce-eager", "foo"], ["--max-num-batched-tokens"],
+    ["--max-num-batched-tokens", "--enforce-eager"], ["--max-num-batched-tokens="],
+    ["--enforce-eager=true"], ["--chat-template", ""], ["--", "--enforce-eager"],
+    ["--no-headless"], ["--max_model_len", "4096"], ["--seed", "-x"],
+])
+def test_extra_args_are_checked_as_vllm_parses_them(args):
+    """Finding 6: positional words passed the flag check, and vLLM refused to start."""
+    with pytest.raises(SpecError, match="extra_args"):
+        build_spec({**BASE, "extra_args": args})
+
+
+@pytest.mark.parametrize("args", [
+    ["--max-num-batched-tokens", "4096"], ["--max-num-batched-tokens=4096"],
+    ["--enforce-eager"], ["--chat-template", "/x.jinja"], ["--no-enable-chunked-prefill"],
+    ["--no-enforce-eager"], ["--cuda-graph-sizes", "1", "2", "4", "--enforce-eager"],
+    ["--seed", "-1"], ["--max_num_batched_tokens", "8k"], ["--max-num-batched-tokens", 4096],
+    ["-O", "3"], ["--override-generation-config", '{"temperature": 0.5}'],
+])
+def test_extra_args_vllm_would_take_pass(args):
+    spec = build_spec({**BASE, "extra_args": args})
+    assert spec.vllm_args()[-len(args):] == [str(a) for a in args]
+
+
+def test_extra_args_kinds_match_the_lab_parser():
+    """Each flag's kind (switch or value) agrees with the lab's vLLM v0.11 parser, and a switch
+    followed by a word fails there as it does here."""
+    from gpufleet import vllm_flags
+    from gpufleet.lab import vllm_standin
+
+    for flag, kind in vllm_flags.FLAG_KINDS.items():
+        if kind in (vllm_flags.SWITCH, vllm_flags.STORE_TRUE):
+            argv = [flag]
+        else:
+            argv = [f"{flag}={'1' if 'size' in flag else 'x'}"]
+        assert vllm_flags.check_extra_args(argv) is None
+        if flag in ("--config", "--compilation-config", "-O") or kind in (vllm_flags.VALUE,
+                                                                          vllm_flags.VALUES):
+            continue  # values need the flag's own type; the switches are the point here
+        vllm_standin.parse_cli(["serve", "m", *argv])
+        with pytest.raises(SystemExit):
+            vllm_standin.parse_cli(["serve", "m", flag, "word"])
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"VLLM_PORT": 8000}, "value of 'VLLM_PORT' must be a string, got 8000"),
+    ({"A": True}, "value of 'A' must be a string"),
+    ({"A": None}, "value of 'A' must be a string"),
+    ({"A": ["x"]}, "value of 'A' must be a string"),
+    ({1: "x"}, "variable name 1"),
+    ({"A": "x\ny"}, "contains the character '\\n'"),
+    ({"A": "x\0"}, "contains the character '\\x00'"),
+    ({"HF_HUB_OFFLINE": "0"}, "must not set HF_HUB_OFFLINE: gpufleet sets it"),
+    ({"HF_HOME": "/x"}, "must not set HF_HOME"),
+    ({"HF_HUB_CACHE": "/x"}, "must not set HF_HUB_CACHE"),
+    ({"TRANSFORMERS_OFFLINE": "0"}, "must not set TRANSFORMERS_OFFLINE"),
+    ({"HF_ENDPOINT": "http://evil"}, "must not set HF_ENDPOINT"),
+    ({"VLLM_API_KEY": "x"}, "must not set VLLM_API_KEY: secrets"),
+    ({"MY_SECRET": "x"}, "must not set MY_SECRET: secrets"),
+    ({"db_password": "x"}, "must not set db_password: secrets"),
+    ({"OPENAI_API_KEY": "x"}, "must not set OPENAI_API_KEY: secrets"),
+])
+def test_container_env_is_strings_and_not_gpufleets_own(env, needle):
+    """Finding 7: non-strings were str()ed and HF_HUB_OFFLINE=0 could be set."""
+    with pytest.raises(SpecError) as e:
+        build_spec({**BASE, "container_env": env}, source="llama3.yaml")
+    assert needle in str(e.value)
+    assert str(e.value).startswith("llama3.yaml: container_env ")
+
+
+def test_container_env_that_is_fine():
+    spec = build_spec({**BASE, "container_env": {"VLLM_HOST_IP": "10.0.0.2", "VLLM_PORT": "8001",
+                                                 "VLLM_LOGGING_LEVEL": "DEBUG", "X": "a b;$c"}})
+    assert dict(spec.container_env)["X"] == "a b;$c"
+    with pytest.raises(SpecError, match="duplicate variable 'A'"):
+        build_spec(BASE, overrides={"container_env": '{"A": "1", "A": "2"}'})
+
+
+def _spec_file(tmp_path, text, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text("service: llama3\nmodel: meta-llama/Meta-Llama-3-8B-Instruct\n"
+                    "image: vllm/vllm-openai:v0.11.0\n" + text)
+    return path
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("service: other\n", "duplicate key 'service' (first on line 1): each key once (line 4"),
+    ("container_env:\n  A: '1'\n  A: '2'\n", "duplicate key 'A' (first on line 5)"),
+    ("extra_args: &x [--enforce-eager]\n", "anchors and aliases"),
+    ("container_env:\n  <<: {A: '1'}\n", "merge keys"),
+    ("extra_args: " + "[" * 50 + "]" * 50 + "\n", "nested deeper than"),
+    ("extra_args: [" + "1," * 6000 + "1]\n", "more than 5000 values"),
+])
+def test_the_loader_is_bounded(tmp_path, text, needle):
+    """Finding 7: duplicate keys won silently; aliases, depth and size were unbounded."""
+    with pytest.raises(SpecError) as e:
+        load_spec(_spec_file(tmp_path, text))
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_an_alias_bomb_and_a_huge_file_are_refused_at_once(tmp_path):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [" + ",".join(["lol"] * 9) + "]\n" + "".join(
+        f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)))
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as f:
+        f.truncate(300 * 1024 * 1024)  # sparse: costs no disk
+    started = time.monotonic()
+    with pytest.raises(SpecError, match="anchors and aliases"):
+        load_spec(bomb)
+    with pytest.raises(SpecError, match="is larger than 1024 KiB"):
+        load_spec(huge)
+    with pytest.raises(SpecError, match="is not UTF-8"):
+        load_spec(_spec_file(tmp_path, "").write_bytes(b"service: \xff\n") and
+                  tmp_path / "spec.yaml")
+    assert time.monotonic() - started < 2
+
+
+def test_unknown_data_keys_are_refused_unless_pyinfras_own():
+    """Finding 7: --data keys unlike any spec key were accepted silently."""
+    from gpufleet.deploys import _check_override_keys
+    from gpufleet.spec import check_data_keys
+
+    fine = ["quantization", "ssh_user", "ssh_port", "_sudo", "docker_identifier",
+            "docker_package", "docker_cgroup_driver", "fake_delay", "gpufleet_release",
+            "droplet_id", "region", "winrm_port", "podman_x", "local_x", "chroot_directory"]
+    check_data_keys(fine)
+    _check_override_keys(fine)
+    for key, needle in (("modelz", "did you mean 'model'?"), ("flavour", "unknown key"),
+                        ("docker_pakage", "did you mean 'docker_package'?"),
+                        ("x", "spec keys: service, model")):
+        for check in (check_data_keys, _check_override_keys):
+            with pytest.raises(SpecError) as e:
+                check([key])
+            assert f"--data '{key}': unknown key" in str(e.value) and needle in str(e.value)
+
+
+def test_gpufleet_check_refuses_what_the_deploy_refuses(capsys):
+    from gpufleet import cli
+
+    spec = str(ROOT / "deploys" / "llama3.yaml")
+    for data, needle in (
+        ("modelz=x", "--data 'modelz': unknown key; did you mean 'model'?"),
+        ("models_dir=/opt/../root", "models_dir must be an absolute directory of its own"),
+        ("extra_args=foo bar", "extra_args has the word 'foo'"),
+        ('container_env={"VLLM_PORT": 8000}', "must be a string, got 8000"),
+        ('extra_args=["--enforce-eager", "x"]', "--enforce-eager takes no value"),
+    ):
+        assert cli.main(["check", spec, "--data", data]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert cli.main(["check", spec, "--data", "ssh_user=root", "--data",
+                     'extra_args=["--chat-template", "/x y.jinja"]']) == 0
+    assert "--chat-template '/x y.jinja'" in capsys.readouterr().out

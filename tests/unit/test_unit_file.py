@@ -1,8 +1,13 @@
 """The rendered systemd unit: the docker run line users used to paste by hand, pinned."""
 
+import dataclasses
+
+import pytest
+
 from gpufleet.deploys import render_unit
-from gpufleet.render import systemd_quote, template_path
+from gpufleet.render import systemd_comment, systemd_quote, systemd_text, template_path
 from gpufleet.spec import build_spec
+from tests.unit.test_hostile_inputs import settings, systemd_split
 
 SPEC = build_spec({"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
                    "image": "vllm/vllm-openai:v0.11.0", "served_model_name": "llama3-8b",
@@ -44,3 +49,55 @@ def test_systemd_quote():
     assert systemd_quote('{"a": 1}') == '"{\\"a\\": 1}"'
     assert systemd_quote("50%") == "50%%"
     assert systemd_quote("$HOME") == '"$$HOME"'
+
+
+def test_systemd_quote_makes_one_literal_word():
+    """Finding 1: a newline, a space or a lone ';' must never leave its word."""
+    assert systemd_quote("a\nb") == '"a\\nb"'
+    assert systemd_quote("a\rb\tc") == '"a\\rb\\tc"'
+    assert systemd_quote("a\\b") == '"a\\\\b"'
+    assert systemd_quote(";") == '";"'
+    assert systemd_quote("a b") == '"a b"'
+    assert systemd_quote("x\u2028y") == '"x\\u2028y"'
+    assert systemd_quote("\x1b[0m") == '"\\x1b[0m"'
+    assert systemd_quote("plain\n") != "plain\n"  # `$` matched before a trailing newline
+    with pytest.raises(ValueError, match="NUL"):
+        systemd_quote("a\0b")
+
+
+def test_text_and_comment_filters_keep_one_line():
+    assert systemd_text("50% off") == "50%% off"
+    for bad in ("a\nb", "a\rb", "a\u2028b", "a\0b"):
+        with pytest.raises(ValueError, match="refusing to render"):
+            systemd_text(bad)
+        with pytest.raises(ValueError, match="refusing to render"):
+            systemd_comment(bad)
+    with pytest.raises(ValueError, match="trailing backslash"):
+        systemd_text("a\\")
+
+
+def test_a_value_that_got_past_validation_is_still_one_argument():
+    """Rendered defensively: a spec built without validation (dataclasses.replace) with the
+    finding's values still gives one literal argument per value, and no new line."""
+    evil = dataclasses.replace(
+        SPEC, models_dir="/opt/m\nExecStartPre=/usr/bin/touch /tmp/pwned\n#",
+        compile_cache_dir="/opt/models --privileged -v /:/host -v /opt/x",
+        extra_args=("--chat-template", "x ; y %n $HOME"),
+    )
+    unit = render_unit(evil)
+    assert not [line for line in unit.splitlines() if line.startswith("ExecStartPre=/usr")]
+    assert len(unit.splitlines()) == len(render_unit(SPEC).splitlines())
+    argv = systemd_split(settings(unit, "ExecStart")[0])
+    assert f"{evil.models_dir}:/root/.cache/huggingface" in argv
+    assert f"{evil.compile_cache_dir}:/root/.cache/vllm" in argv
+    assert "--privileged" not in argv
+    assert argv[-2:] == ["--chat-template", "x ; y %n $HOME"]
+    with pytest.raises(ValueError, match="refusing to render"):
+        render_unit(dataclasses.replace(SPEC, model="a/b\nExecStartPre=/x"))
+
+
+def test_ipv6_bind_address_is_bracketed():
+    spec = build_spec({"service": "llama3", "model": "a/b", "image": "vllm/vllm-openai:v0.11.0",
+                       "bind_address": "::1"})
+    argv = systemd_split(settings(render_unit(spec), "ExecStart")[0])
+    assert argv[argv.index("-p") + 1] == "[::1]:8000:8000"
