@@ -19,11 +19,17 @@ Uses the real ``huggingface_hub`` client (``HfApi(endpoint=..., token=...)``), a
   ``<GPUFLEET_STATE_DIR or ~/.config/gpufleet>/hub-cache/``) keyed by (endpoint, model, commit):
   with a pinned commit a re-run makes NO request; a branch or tag still needs one request (the
   model info that resolves it) and then reads the cache. On a miss: model info with file metadata
-  (1), config.json (HEAD + GET, 2), model.safetensors.index.json when the checkpoint is sharded
-  (2 more), and, only when the Hub's model info has no safetensors totals, the safetensors
+  (1), config.json (GET, 1), model.safetensors.index.json when the checkpoint is sharded
+  (1 more), and, only when the Hub's model info has no safetensors totals, the safetensors
   headers (``get_safetensors_metadata``, range requests of the headers only).
 
 The cache skips the access check by design: call ``check_access`` on every deploy.
+
+Retries: a transient failure (no answer, a cut connection, a timeout, HTTP 429, 500, 502, 503,
+504) repeats the whole call, up to ``Retry.attempts`` (4) times in all, waiting 1 s, 2 s, 4 s
+between them (a 429's ``Retry-After``, at most 30 s, when it says more); then it fails with one
+``HubAccessError`` that says what failed and how often it was tried. 401, 403, 404 and every other
+answer are never retried. ``retry=`` (a ``Retry``) changes this per call, e.g. in tests.
 
 Tokens: ``token=None`` reads ``HF_TOKEN`` (then ``HUGGING_FACE_HUB_TOKEN``); ``token=""`` means
 anonymous even when ``HF_TOKEN`` is set. The token is always passed to ``huggingface_hub``
@@ -44,19 +50,21 @@ come from ``{endpoint}/{model}/resolve/{commit}/{path}``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyinfra.api.exceptions import PyinfraError
 
 from gpufleet import __version__
+from gpufleet.digitalocean import retry_after_seconds
 from gpufleet.modelshape import ModelShape
 from gpufleet.secrets import Secret, state_dir
 
@@ -75,6 +83,33 @@ _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a Hub call retries transient failures: ``attempts`` tries in all, waiting
+    ``backoff_s``, then twice as long each time (at most ``max_backoff_s``); after a 429 its
+    ``Retry-After`` when longer, at most ``max_retry_after_s``. ``sleep`` and ``clock`` are
+    injectable for tests."""
+
+    attempts: int = 4
+    backoff_s: float = 1.0
+    max_backoff_s: float = 8.0
+    max_retry_after_s: float = 30.0
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.time
+
+    def wait(self, retry_number: int, retry_after: float | None = None) -> float:
+        """Seconds before retry ``retry_number`` (1, 2, ...)."""
+        wait = min(self.backoff_s * 2 ** (retry_number - 1), self.max_backoff_s)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.max_retry_after_s))
+        return wait
+
+
+DEFAULT_RETRY = Retry()
 
 
 class HubError(PyinfraError):
@@ -173,9 +208,14 @@ def msg_revision_not_found(model: str, revision: str, endpoint: str = DEFAULT_EN
             f"({model_page(model, endpoint)}/commits/main lists the commits of main)")
 
 
-def msg_unreachable(model: str, endpoint: str, reason: str) -> str:
-    return (f"cannot reach the Hugging Face Hub at {endpoint} to read {model} ({reason}): check "
-            "the controller's network and proxy settings, or HF_ENDPOINT")
+def _tried(tries: int) -> str:
+    return f"tried {tries} times" if tries > 1 else "tried once"
+
+
+def msg_unreachable(model: str, endpoint: str, reason: str, tries: int = 1) -> str:
+    return (f"cannot reach the Hugging Face Hub at {endpoint} to read {model} ({reason}; "
+            f"{_tried(tries)}): check the controller's network and proxy settings, or "
+            "HF_ENDPOINT")
 
 
 def msg_offline(model: str, endpoint: str) -> str:
@@ -193,9 +233,35 @@ def _redact(text: str, token: str | None) -> str:
     return text.replace(token, "*****") if token else text
 
 
+def _unwrap(err: BaseException) -> BaseException:
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(err, LocalEntryNotFoundError) and err.__cause__ is not None:
+        return err.__cause__  # hf_hub_download: the HEAD call's error is the cause
+    return err
+
+
+def _transient(err: BaseException, clock: Callable[[], float] = time.time
+               ) -> tuple[bool, float | None]:
+    """(whether ``err`` may heal on a retry, the server's Retry-After in seconds)."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    err = _unwrap(err)
+    if isinstance(err, HfHubHTTPError):
+        response = err.response
+        status = response.status_code
+        if status not in TRANSIENT_STATUSES:
+            return False, None
+        after = retry_after_seconds(response.headers, clock()) if status == 429 else None
+        return True, after
+    return isinstance(err, httpx2.TransportError | ConnectionError | TimeoutError), None
+
+
 def _explain(err: BaseException, model: str, revision: str, endpoint: str,
-             token: str | None) -> HubError:
-    """One clear error for anything the client raised (never with the token in it)."""
+             token: str | None, tries: int = 1) -> HubError:
+    """One clear error for anything the client raised (never with the token in it); ``tries``:
+    how often a transient failure was tried."""
     import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -212,6 +278,7 @@ def _explain(err: BaseException, model: str, revision: str, endpoint: str,
     if isinstance(err, LocalEntryNotFoundError) and err.__cause__ is not None:
         err = err.__cause__  # hf_hub_download: the HEAD call's error is the cause
     message: str
+    transient = _transient(err)[0]
     if isinstance(err, GatedRepoError):
         status = err.response.status_code
         server = (err.server_message or "").lower()
@@ -244,10 +311,16 @@ def _explain(err: BaseException, model: str, revision: str, endpoint: str,
             detail = " ".join(detail.split())
             message = (f"the Hugging Face Hub at {endpoint} answered HTTP {status} for {model}: "
                        f"{detail}")
+            if transient:
+                request = err.response.request
+                message = (f"the Hugging Face Hub at {endpoint} answered HTTP {status} for {model} "
+                           f"({request.method} {request.url.path}; {_tried(tries)}): {detail}")
             if status == 403:
                 message += f"; the token needs {TOKEN_PERMISSION}"
             elif status == 429:
                 message += "; wait a minute and deploy again"
+            elif transient:
+                message += "; the Hub is having trouble: deploy again later"
     elif isinstance(err, OfflineModeIsEnabled):
         message = msg_offline(model, endpoint)
     elif isinstance(err, HFValidationError):
@@ -258,25 +331,34 @@ def _explain(err: BaseException, model: str, revision: str, endpoint: str,
         detail = " ".join(str(err).split())
         if detail:
             reason = f"{reason}: {detail}"
-        message = msg_unreachable(model, endpoint, reason)
+        message = msg_unreachable(model, endpoint, reason, tries)
     else:
         message = (f"reading {model} from {endpoint} failed: {type(err).__name__}: "
                    f"{' '.join(str(err).split())}")
     return HubAccessError(_redact(message, token))
 
 
-@contextlib.contextmanager
-def _hub_errors(model: str, revision: str, endpoint: str, token: str | None) -> Iterator[None]:
+def _hub_call(call: Callable[[], _T], model: str, revision: str, endpoint: str,
+              token: str | None, retry: Retry | None = None) -> _T:
+    """``call()``, repeated on transient failures (see ``Retry``); any failure of the client
+    becomes one ``HubError`` (a ``HubError`` raised by ``call`` passes through)."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
-    try:
-        yield
-    except HubError:
-        raise
-    except (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, httpx2.TransportError,
-            OSError) as err:
-        raise _explain(err, model, revision, endpoint, token) from None
+    retry = retry or DEFAULT_RETRY
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return call()
+        except HubError:
+            raise
+        except (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, httpx2.TransportError,
+                OSError) as err:
+            transient, after = _transient(err, retry.clock)
+            if not transient or tries >= retry.attempts:
+                raise _explain(err, model, revision, endpoint, token, tries) from None
+            retry.sleep(retry.wait(tries, after))
 
 
 def _api(endpoint: str, token: str | None) -> Any:
@@ -293,14 +375,15 @@ def _api(endpoint: str, token: str | None) -> Any:
 
 
 def resolve_revision(model: str, revision: str = "main", token: str | Secret | None = None,
-                     endpoint: str | None = None) -> str:
+                     endpoint: str | None = None, retry: Retry | None = None) -> str:
     """The 40-hex commit ``revision`` (branch, tag or commit) designates now. A commit id is
-    returned as is once the Hub confirmed it exists. One request."""
+    returned as is once the Hub confirmed it exists. One request (more on transient failures,
+    see ``Retry``)."""
     endpoint = hub_endpoint(endpoint)
     tok = hub_token(token)
-    with _hub_errors(model, revision, endpoint, tok):
-        info = _api(endpoint, tok).model_info(model, revision=revision, expand=["sha"],
-                                              timeout=TIMEOUT_S)
+    info = _hub_call(lambda: _api(endpoint, tok).model_info(model, revision=revision,
+                                                            expand=["sha"], timeout=TIMEOUT_S),
+                     model, revision, endpoint, tok, retry)
     return _commit_of(info, model, revision, endpoint)
 
 
@@ -315,25 +398,31 @@ def _commit_of(info: Any, model: str, revision: str, endpoint: str) -> str:
 
 
 def check_access(model: str, revision: str = "main", token: str | Secret | None = None,
-                 endpoint: str | None = None) -> str:
+                 endpoint: str | None = None, retry: Retry | None = None) -> str:
     """Raise ``HubAccessError`` unless the files of ``model`` at ``revision`` can be downloaded
-    with ``token`` (a public model needs none). Returns the resolved commit."""
+    with ``token`` (a public model needs none). Returns the resolved commit. Transient failures
+    are retried (see ``Retry``)."""
     endpoint = hub_endpoint(endpoint)
     tok = hub_token(token)
-    with _hub_errors(model, revision, endpoint, tok):
-        info = _api(endpoint, tok).model_info(model, revision=revision,
-                                              expand=["sha", "gated", "private"],
-                                              timeout=TIMEOUT_S)
-        commit = _commit_of(info, model, revision, endpoint)
-        if getattr(info, "gated", False):
-            # the model info of a gated model is public: only its files tell whether we may
-            # download them (401/403 GatedRepo). HEAD: headers only, no bytes.
-            from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    return _hub_call(lambda: _check_access(model, revision, endpoint, tok), model, revision,
+                     endpoint, tok, retry)
 
-            url = hf_hub_url(model, "config.json", revision=commit, endpoint=endpoint)
-            get_hf_file_metadata(url, token=tok if tok else False, timeout=TIMEOUT_S,
-                                 endpoint=endpoint, library_name="gpufleet",
-                                 library_version=__version__)
+
+def _check_access(model: str, revision: str, endpoint: str, tok: str | None) -> str:
+    """One attempt of check_access."""
+    info = _api(endpoint, tok).model_info(model, revision=revision,
+                                          expand=["sha", "gated", "private"],
+                                          timeout=TIMEOUT_S)
+    commit = _commit_of(info, model, revision, endpoint)
+    if getattr(info, "gated", False):
+        # the model info of a gated model is public: only its files tell whether we may
+        # download them (401/403 GatedRepo). HEAD: headers only, no bytes.
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(model, "config.json", revision=commit, endpoint=endpoint)
+        get_hf_file_metadata(url, token=tok if tok else False, timeout=TIMEOUT_S,
+                             endpoint=endpoint, library_name="gpufleet",
+                             library_version=__version__)
     return commit
 
 
@@ -461,32 +550,37 @@ def shape_from_config(model: str, commit: str, config: Mapping[str, Any], *, par
     )
 
 
-def _read_json_file(model: str, commit: str, filename: str, endpoint: str, token: str | None,
-                    tmp: str) -> Any:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import tqdm
+def _read_json_file(model: str, commit: str, filename: str, endpoint: str,
+                    token: str | None) -> Any:
+    """One GET of a small JSON file at ``commit``, with huggingface_hub's session and its error
+    mapping, but none of ``hf_hub_download``'s own retries: ``_hub_call`` is the one retry
+    policy (hf_hub_download would repeat a failing HEAD five more times with its own backoff)."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-    # a disabled progress bar: small metadata downloads have no place in the deploy's output
-    quiet = functools.partial(tqdm, disable=True)
-    path = hf_hub_download(model, filename, revision=commit, endpoint=endpoint,
-                           token=token if token else False, cache_dir=tmp,
-                           etag_timeout=TIMEOUT_S, library_name="gpufleet",
-                           library_version=__version__,
-                           tqdm_class=quiet)  # type: ignore[arg-type]
+    if constants.HF_HUB_OFFLINE:
+        raise OfflineModeIsEnabled(f"cannot read {filename}: HF_HUB_OFFLINE is set")
+    url = hf_hub_url(model, filename, revision=commit, endpoint=endpoint)
+    headers = build_hf_headers(token=token if token else False, library_name="gpufleet",
+                               library_version=__version__)
+    response = get_session().get(url, headers=headers, timeout=TIMEOUT_S, follow_redirects=True)
+    hf_raise_for_status(response)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(response.content.decode("utf-8"))
     except ValueError as e:
         raise HubModelError(f"{filename} of {model} at {commit} is not valid JSON: {e}") from None
 
 
 def model_shape(model: str, revision: str = "main", token: str | Secret | None = None,
-                endpoint: str | None = None, cache_dir: str | os.PathLike[str] | None = None
-                ) -> ModelShape:
+                endpoint: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
+                retry: Retry | None = None) -> ModelShape:
     """What the planner needs about ``model`` at ``revision``, from the Hub or from the cache.
 
     A pinned 40-hex commit already in the cache: no request. A branch or tag: one request (it
-    must be resolved), then the cache. Errors: ``HubAccessError`` (same messages as
-    ``check_access``), ``HubModelError`` (config.json unusable)."""
+    must be resolved), then the cache. Transient failures are retried (see ``Retry``). Errors:
+    ``HubAccessError`` (same messages as ``check_access``), ``HubModelError`` (config.json
+    unusable)."""
     endpoint = hub_endpoint(endpoint)
     tok = hub_token(token)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -494,49 +588,54 @@ def model_shape(model: str, revision: str = "main", token: str | Secret | None =
         hit = _cache_read(cache_path(cache, endpoint, model, revision), endpoint, model, revision)
         if hit is not None:
             return hit
-    with _hub_errors(model, revision, endpoint, tok):
-        api = _api(endpoint, tok)
-        info = api.model_info(model, revision=revision, files_metadata=True, timeout=TIMEOUT_S)
-        commit = _commit_of(info, model, revision, endpoint)
-        path = cache_path(cache, endpoint, model, commit)
-        if not is_commit(revision):
-            hit = _cache_read(path, endpoint, model, commit)
-            if hit is not None:
-                return hit
-        siblings = [
-            {"rfilename": s.rfilename, "size": s.size, "blobId": s.blob_id,
-             "lfs": {"sha256": s.lfs.sha256, "size": s.lfs.size} if s.lfs else None}
-            for s in (info.siblings or [])
-        ]
-        names = {s["rfilename"] for s in siblings}
-        with tempfile.TemporaryDirectory(prefix="gpufleet-hub-") as tmp:
-            config = _read_json_file(model, commit, "config.json", endpoint, tok, tmp)
-            index = (_read_json_file(model, commit, _SAFETENSORS_INDEX, endpoint, tok, tmp)
-                     if _SAFETENSORS_INDEX in names else None)
-        if not isinstance(config, dict):
-            raise HubModelError(f"config.json of {model} at {commit} is not a JSON object")
-        files = staged_files(siblings, index if isinstance(index, dict) else None)
-        weights = weight_files(files)
-        if not weights:
-            raise HubModelError(f"{model} at {commit} has no safetensors or .bin weights at the "
-                                "top of the repository; vLLM cannot load it from there")
-        if any(f["size"] is None for f in files):
-            raise HubAccessError(f"{endpoint} gave no file sizes for {model} (model info with "
-                                 "blobs=true): is HF_ENDPOINT a Hugging Face Hub?")
-        weight_bytes = sum(int(f["size"]) for f in weights)
-        weight_dtype = None
-        if info.safetensors is not None:
-            parameters = int(info.safetensors.total)
-            weight_dtype = _dominant_dtype(info.safetensors.parameters)
-        elif weights[0]["path"].endswith(".safetensors"):
-            meta = api.get_safetensors_metadata(model, revision=commit,
-                                                token=tok if tok else False)
-            counts = dict(meta.parameter_count)
-            parameters = sum(counts.values())
-            weight_dtype = _dominant_dtype(counts)
-        else:  # .bin only: estimated from the bytes and the declared dtype
-            dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-            parameters = weight_bytes // _DTYPE_BYTES.get(dtype, 2)
+    return _hub_call(lambda: _fetch_shape(model, revision, endpoint, tok, cache), model,
+                     revision, endpoint, tok, retry)
+
+
+def _fetch_shape(model: str, revision: str, endpoint: str, tok: str | None,
+                 cache: Path) -> ModelShape:
+    """One attempt of model_shape's requests (after the cache missed a pinned commit)."""
+    api = _api(endpoint, tok)
+    info = api.model_info(model, revision=revision, files_metadata=True, timeout=TIMEOUT_S)
+    commit = _commit_of(info, model, revision, endpoint)
+    path = cache_path(cache, endpoint, model, commit)
+    if not is_commit(revision):
+        hit = _cache_read(path, endpoint, model, commit)
+        if hit is not None:
+            return hit
+    siblings = [
+        {"rfilename": s.rfilename, "size": s.size, "blobId": s.blob_id,
+         "lfs": {"sha256": s.lfs.sha256, "size": s.lfs.size} if s.lfs else None}
+        for s in (info.siblings or [])
+    ]
+    names = {s["rfilename"] for s in siblings}
+    config = _read_json_file(model, commit, "config.json", endpoint, tok)
+    index = (_read_json_file(model, commit, _SAFETENSORS_INDEX, endpoint, tok)
+             if _SAFETENSORS_INDEX in names else None)
+    if not isinstance(config, dict):
+        raise HubModelError(f"config.json of {model} at {commit} is not a JSON object")
+    files = staged_files(siblings, index if isinstance(index, dict) else None)
+    weights = weight_files(files)
+    if not weights:
+        raise HubModelError(f"{model} at {commit} has no safetensors or .bin weights at the "
+                            "top of the repository; vLLM cannot load it from there")
+    if any(f["size"] is None for f in files):
+        raise HubAccessError(f"{endpoint} gave no file sizes for {model} (model info with "
+                             "blobs=true): is HF_ENDPOINT a Hugging Face Hub?")
+    weight_bytes = sum(int(f["size"]) for f in weights)
+    weight_dtype = None
+    if info.safetensors is not None:
+        parameters = int(info.safetensors.total)
+        weight_dtype = _dominant_dtype(info.safetensors.parameters)
+    elif weights[0]["path"].endswith(".safetensors"):
+        meta = api.get_safetensors_metadata(model, revision=commit,
+                                            token=tok if tok else False)
+        counts = dict(meta.parameter_count)
+        parameters = sum(counts.values())
+        weight_dtype = _dominant_dtype(counts)
+    else:  # .bin only: estimated from the bytes and the declared dtype
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+        parameters = weight_bytes // _DTYPE_BYTES.get(dtype, 2)
     shape = shape_from_config(model, commit, config, parameters=parameters,
                               weight_bytes=weight_bytes, files=files,
                               gated=bool(info.gated), weight_dtype=weight_dtype)

@@ -1,9 +1,16 @@
 """Secrets of a service: the Hugging Face token and the vLLM API key.
 
-The env file holds shell assignments (``KEY='value'``); the container's entrypoint sources it.
+Two root-only files on each host (0600, in the 0700 ``/etc/gpufleet``), uploaded over SFTP:
+never on a command line, in pyinfra's output, in ``--diff`` or a log.
 
-They travel only inside the root-only env file on each host (``/etc/gpufleet/<service>.env``,
-0600), uploaded over SFTP: never on a command line, in pyinfra's output, in ``--diff`` or a log.
+* the server env file ``/etc/gpufleet/<service>.env`` (``server_env()``): ``VLLM_API_KEY`` only.
+  The container mounts it and its entrypoint sources it; vLLM runs offline
+  (``HF_HUB_OFFLINE=1``), so it never gets the Hub token.
+* the Hub token file ``/etc/gpufleet/<service>.hf-token`` (``hub_token_file()``): ``HF_TOKEN``,
+  read only by the host's weight staging. Absent when there is no token (a public model): a
+  token that was set before is removed.
+
+Both hold shell assignments (``KEY='value'``).
 """
 
 from __future__ import annotations
@@ -51,12 +58,16 @@ class ServiceSecrets:
     hf_token: Secret | None
     api_key: Secret
 
-    def env_file_content(self) -> Secret:
-        lines = []
-        if self.hf_token is not None:
-            lines.append(f"HF_TOKEN='{self.hf_token.reveal()}'")
-        lines.append(f"VLLM_API_KEY='{self.api_key.reveal()}'")
-        return Secret("\n".join(lines) + "\n")
+    def server_env(self) -> Secret:
+        """The server env file's content (what vLLM's process gets): the API key only."""
+        return Secret(f"VLLM_API_KEY='{self.api_key.reveal()}'\n")
+
+    def hub_token_file(self) -> Secret | None:
+        """The Hub token file's content (read by the weight staging only); None: no token, the
+        file must not exist."""
+        if self.hf_token is None:
+            return None
+        return Secret(f"HF_TOKEN='{self.hf_token.reveal()}'\n")
 
 
 def state_dir(environ: Mapping[str, str]) -> Path:

@@ -2,44 +2,128 @@
 """Stage a Hugging Face model on this host at a pinned commit, in the Hugging Face cache layout
 (installed and run by gpufleet before the vLLM service (re)starts).
 
-    stage_weights.py --manifest M.json --endpoint URL --env-file F --models-dir /opt/models
+    stage_weights.py --manifest M.json --endpoint URL [--token-file F] --models-dir /opt/models
 
 The manifest (written by the controller from the Hub's metadata) names the model, the commit, the
 revision it came from and every file with its size (and sha256 for LFS files). Files land in
 ``<models-dir>/hub/models--org--name/blobs/<etag>`` with ``snapshots/<commit>/<path>`` symlinks
 and ``refs/<revision>``, exactly where huggingface_hub (and so vLLM with HF_HUB_OFFLINE=1)
 looks. The free disk space is checked first; a download interrupted half-way resumes from its
-``.incomplete`` file with an HTTP Range request; sha256 is verified; a completion marker is
-written last, so a later run knows without listing files. The token is read from the root-only
-env file, never from the command line. Standard library only.
+partial file with an HTTP Range request; sha256 is verified; a completion marker is written
+last, so a later run knows without listing files.
+
+One staging per model at a time: a ``flock`` on ``<repo>/.gpufleet/stage.lock`` (which holds the
+holder's pid). A second stager of the same model waits for it, says so, then resumes from what
+the first one left (or finds the completion marker and stops).
+
+The staging stops with the run that started it. pyinfra's SSH connector closes the command's
+stdin right after exec and allocates no pty, so when the controller dies the command gets no
+EOF and no SIGHUP; only sshd's per-connection process exits. So the nearest ancestor whose name
+is ``sshd`` or ``sshd-session`` is watched (every second, pid and start time) and when it is gone
+the stager exits (code 75): the lock is released, the partial file is kept for the next run.
+No such ancestor (pyinfra's @local) means no watch; ``--watch-pid`` names the process to watch
+instead, ``--no-watch-parent`` turns the watch off. A write to a closed stdout/stderr also means
+the run is gone.
+
+Errors that cannot heal are not retried: a full disk or quota (ENOSPC, EDQUOT) stops at once with
+the space needed and free; HTTP 401/403/404 stop at once. Cut connections, timeouts and server
+errors resume with backoff.
+
+The token file (``--token-file``, root-only 0600) holds the Hugging Face token either as a
+``HF_TOKEN=value`` line (quotes allowed) or as the raw token alone; missing file or no token:
+anonymous. The token is never read from the command line. Standard library only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import http.client
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 
 CHUNK = 1 << 20
+ATTEMPTS = 6  # per file, for errors that heal (a cut connection resumes from what arrived)
+EXIT_RUN_GONE = 75  # EX_TEMPFAIL: the run that started this staging is gone; the next resumes
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+SSHD_NAMES = ("sshd", "sshd-session")
+WATCH_INTERVAL_S = 1.0
+TOKEN_KEYS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-def read_token(env_file: str) -> str | None:
+# --------------------------------------------------------------------------------------------
+# Output: a closed pipe means the run is gone
+# --------------------------------------------------------------------------------------------
+
+
+def say(message: str, err: bool = True) -> None:
+    stream = sys.stderr if err else sys.stdout
     try:
-        with open(env_file, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("HF_TOKEN="):
-                    return line.split("=", 1)[1].strip().strip("'\"") or None
+        print(message, file=stream, flush=True)
+    except (BrokenPipeError, ValueError):  # the controller's end of the channel is closed
+        os._exit(EXIT_RUN_GONE)
+
+
+def fmt_size(n: float) -> str:
+    """A size in the unit that fits: ``512 B``, ``5.2 MiB``, ``812.0 MiB``, ``15.0 GiB``."""
+    n = max(0, int(n))
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def disk_space_message(models_dir: str, model: str, commit: str, need: int, free: int,
+                       during: str | None = None) -> str:
+    what = f"while writing {during}" if during else "before the download"
+    return (f"not enough disk space in {models_dir} ({what}): {model}@{commit[:12]} needs "
+            f"{fmt_size(need)} more, {fmt_size(free)} free. Free space or point models_dir at a "
+            "larger disk (DigitalOcean GPU droplets have a scratch disk), then re-run: what "
+            "arrived is kept and resumed")
+
+
+# --------------------------------------------------------------------------------------------
+# The token
+# --------------------------------------------------------------------------------------------
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The token from ``HF_TOKEN=value`` (or ``HUGGING_FACE_HUB_TOKEN=``) or from a file that
+    holds only the token; None when the file is missing or holds none."""
+    if not token_file:
+        return None
+    try:
+        with open(token_file, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     except OSError:
         return None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() in TOKEN_KEYS:
+            return value.strip().strip("'\"") or None
+    if len(lines) == 1 and "=" not in lines[0]:
+        return lines[0]
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------
 
 
 def repo_dir(models_dir: str, model: str) -> str:
@@ -50,6 +134,10 @@ def marker_path(models_dir: str, model: str, commit: str) -> str:
     return os.path.join(repo_dir(models_dir, model), ".gpufleet", f"{commit}.complete")
 
 
+def lock_path(models_dir: str, model: str) -> str:
+    return os.path.join(repo_dir(models_dir, model), ".gpufleet", "stage.lock")
+
+
 def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -58,9 +146,112 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+# --------------------------------------------------------------------------------------------
+# One staging per model at a time
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staging_lock(models_dir: str, model: str) -> Iterator[None]:
+    """Hold the model's staging lock; wait (and say so) while another stager holds it. The lock
+    file stays (removing it would let a third stager lock a file nobody else sees)."""
+    path = lock_path(models_dir, model)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            say(f"waiting for another staging of {model} (pid {holder}) to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------------------------
+# Stop with the run that started us
+# --------------------------------------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[str, str, int, int] | None:
+    """(comm, state, ppid, start time) of a process from /proc/PID/stat; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    comm = raw[raw.find("(") + 1:raw.rfind(")")]
+    rest = raw[raw.rfind(")") + 2:].split()
+    try:
+        return comm, rest[0], int(rest[1]), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def session_ancestor(pid: int | None = None) -> tuple[int, int] | None:
+    """(pid, start time) of the nearest ancestor named sshd / sshd-session: the SSH connection
+    that runs this command. None when there is none (a local run)."""
+    current = os.getpid() if pid is None else pid
+    seen: set[int] = set()
+    while current > 1 and current not in seen:
+        seen.add(current)
+        st = proc_stat(current)
+        if st is None:
+            return None
+        comm, _, ppid, start = st
+        if current != pid and comm in SSHD_NAMES:
+            return current, start
+        current = ppid
+    return None
+
+
+def alive(pid: int, start: int | None) -> bool:
+    st = proc_stat(pid)
+    return st is not None and st[1] not in ("Z", "X") and (start is None or st[3] == start)
+
+
+def watch(pid: int, start: int | None, what: str, interval: float = WATCH_INTERVAL_S,
+          on_gone: Callable[[], None] | None = None) -> threading.Thread:
+    """A daemon thread that ends this process when ``pid`` (with that start time) is gone."""
+
+    def run() -> None:
+        while alive(pid, start):
+            time.sleep(interval)
+        try:
+            sys.stderr.write(f"{what} (pid {pid}) is gone: stopping the staging; what arrived is "
+                             "kept and the next run resumes it\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        if on_gone is not None:
+            on_gone()
+        else:
+            os._exit(EXIT_RUN_GONE)
+
+    thread = threading.Thread(target=run, name="gpufleet-watch-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+# --------------------------------------------------------------------------------------------
+# Downloads
+# --------------------------------------------------------------------------------------------
+
+
 def download(url: str, token: str | None, dest: str, size: int) -> tuple[int, str]:
     """Download url into dest (resuming a partial dest); return (bytes fetched, etag)."""
-    have = os.path.getsize(dest) if os.path.exists(dest) else 0
+    have = _size(dest)
     if have > size:
         os.unlink(dest)
         have = 0
@@ -74,12 +265,15 @@ def download(url: str, token: str | None, dest: str, size: int) -> tuple[int, st
         etag = (resp.headers.get("X-Linked-Etag") or resp.headers.get("ETag") or "").strip('"')
         etag = etag.removeprefix("W/").strip('"')
         mode = "ab" if have and resp.status == 206 else "wb"
-        with open(dest, mode) as out:
+        # unbuffered, and read1: what arrived is on disk, so a stop loses next to nothing
+        with open(dest, mode, buffering=0) as out:
             while True:
-                block = resp.read(CHUNK)
+                block = resp.read1(CHUNK)
                 if not block:
                     break
-                out.write(block)
+                view = memoryview(block)
+                while view:
+                    view = view[out.write(view):]
                 fetched += len(block)
     return fetched, etag
 
@@ -92,7 +286,32 @@ def _link(snapshot: str, path: str, blob: str) -> None:
     os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
 
 
-def stage(manifest: dict, endpoint: str, token: str | None, models_dir: str) -> int:
+def _no_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in NO_SPACE
+
+
+def stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
+          sleep: Callable[[float], None] = time.sleep) -> int:
+    model, commit = manifest["model"], manifest["commit"]
+    if os.path.isfile(marker_path(models_dir, model, commit)):
+        say(f"{model}@{commit[:12]} is staged already", err=False)
+        return 0
+    try:
+        with staging_lock(models_dir, model):
+            if os.path.isfile(marker_path(models_dir, model, commit)):
+                say(f"{model}@{commit[:12]} was staged meanwhile by another run", err=False)
+                return 0
+            return _stage(manifest, endpoint, token, models_dir, sleep)
+    except OSError as e:
+        if not _no_space(e):
+            raise
+        say(disk_space_message(models_dir, model, commit, 0, shutil.disk_usage(models_dir).free,
+                               getattr(e, "filename", None)))
+        return 1
+
+
+def _stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
+           sleep: Callable[[float], None]) -> int:
     model, commit = manifest["model"], manifest["commit"]
     root = repo_dir(models_dir, model)
     blobs, partial = os.path.join(root, "blobs"), os.path.join(root, ".gpufleet", "partial")
@@ -100,50 +319,72 @@ def stage(manifest: dict, endpoint: str, token: str | None, models_dir: str) -> 
     for d in (blobs, partial, snapshot, os.path.join(root, "refs")):
         os.makedirs(d, exist_ok=True)
 
+    def part_of(f: dict) -> str:
+        return os.path.join(partial, hashlib.sha1(f"{commit}/{f['path']}".encode()).hexdigest())
+
+    def blob_of(f: dict) -> str | None:
+        known = f.get("sha256") or f.get("blob_id")
+        return os.path.join(blobs, known) if known else None
+
+    def missing(f: dict) -> int:
+        blob = blob_of(f)
+        if blob and _size(blob) == f["size"] and os.path.isfile(blob):
+            return 0
+        return max(0, f["size"] - _size(part_of(f)))
+
     todo = [f for f in manifest["files"]
             if not os.path.exists(os.path.join(snapshot, f["path"]))]
-    need = sum(f["size"] for f in todo)
+    need = sum(missing(f) for f in todo)
     free = shutil.disk_usage(models_dir).free
     if need and free < need * 1.05 + (1 << 30) * (need > (1 << 30)):
-        print(f"not enough disk space in {models_dir}: {model}@{commit[:12]} needs "
-              f"{need / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB free. Free space or point "
-              "models_dir at a larger disk (DigitalOcean GPU droplets have a scratch disk).",
-              file=sys.stderr)
+        say(disk_space_message(models_dir, model, commit, need, free))
         return 1
 
     fetched_total, t0 = 0, time.monotonic()
     for f in todo:
         known = f.get("sha256") or f.get("blob_id")
-        blob = os.path.join(blobs, known) if known else None
+        blob = blob_of(f)
         if blob and os.path.isfile(blob) and os.path.getsize(blob) == f["size"]:
             _link(snapshot, f["path"], blob)  # the same content is there from another revision
             continue
         quoted = urllib.parse.quote(f["path"])
         url = f"{endpoint.rstrip('/')}/{model}/resolve/{commit}/{quoted}"
-        part = os.path.join(partial, hashlib.sha1(f"{commit}/{f['path']}".encode()).hexdigest())
+        part = part_of(f)
         etag = ""
-        for attempt in range(6):  # a cut connection resumes from what arrived (Range)
+        for attempt in range(ATTEMPTS):
+            if _size(part) == f["size"] and (etag or known):
+                break  # complete already (a stopped run got every byte)
             try:
                 fetched, etag = download(url, token, part, f["size"])
                 fetched_total += fetched
             except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
-                if isinstance(e, urllib.error.HTTPError) and e.code in (401, 403, 404):
-                    print(f"{url}: HTTP {e.code} {e.reason}", file=sys.stderr)
+                if _no_space(e):
+                    left = max(0, f["size"] - _size(part)) + sum(
+                        missing(g) for g in todo[todo.index(f) + 1:])
+                    say(disk_space_message(models_dir, model, commit, left,
+                                           shutil.disk_usage(models_dir).free, f["path"]))
                     return 1
-                print(f"{f['path']}: {e}; resuming", file=sys.stderr)
-            if os.path.exists(part) and os.path.getsize(part) >= f["size"]:
+                if isinstance(e, urllib.error.HTTPError) and e.code in (401, 403, 404):
+                    say(f"{url}: HTTP {e.code} {e.reason}")
+                    return 1
+                if isinstance(e, urllib.error.HTTPError) and e.code == 416:
+                    etag = etag or (known or "")
+                elif attempt + 1 < ATTEMPTS:
+                    say(f"{f['path']}: {e}; resuming from {fmt_size(_size(part))} "
+                        f"(attempt {attempt + 2} of {ATTEMPTS})")
+            if _size(part) >= f["size"]:
                 break
-            time.sleep(min(2 * attempt, 10))
-        if os.path.getsize(part) != f["size"]:
-            print(f"{f['path']}: got {os.path.getsize(part)} bytes, expected {f['size']}; "
-                  "re-run to resume", file=sys.stderr)
+            if attempt + 1 < ATTEMPTS:
+                sleep(min(2 * (attempt + 1), 10))
+        if _size(part) != f["size"]:
+            say(f"{f['path']}: got {fmt_size(_size(part))} of {fmt_size(f['size'])} after "
+                f"{ATTEMPTS} attempts; re-run to resume")
             return 1
         if f.get("sha256"):
             digest = sha256_of(part)
             if digest != f["sha256"]:
                 os.unlink(part)
-                print(f"{f['path']}: sha256 {digest} does not match the Hub's {f['sha256']}",
-                      file=sys.stderr)
+                say(f"{f['path']}: sha256 {digest} does not match the Hub's {f['sha256']}")
                 return 1
             etag = digest
         blob = os.path.join(blobs, etag or known or hashlib.sha256(f["path"].encode()).hexdigest())
@@ -160,22 +401,37 @@ def stage(manifest: dict, endpoint: str, token: str | None, models_dir: str) -> 
                    "bytes": sum(f["size"] for f in manifest["files"]),
                    "staged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, out)
     os.replace(marker + ".tmp", marker)
-    print(f"staged {model}@{commit[:12]}: downloaded {fetched_total} bytes "
-          f"({len(manifest['files'])} files, {len(todo)} not in this snapshot yet) in "
-          f"{time.monotonic() - t0:.1f}s")
+    say(f"staged {model}@{commit[:12]}: downloaded {fmt_size(fetched_total)} "
+        f"({fetched_total} bytes; {len(manifest['files'])} files, {len(todo)} not in this "
+        f"snapshot yet) in {time.monotonic() - t0:.1f}s", err=False)
     return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--manifest", required=True)
     p.add_argument("--endpoint", required=True)
-    p.add_argument("--env-file", required=True)
+    p.add_argument("--token-file", help="root-only file holding the Hugging Face token")
     p.add_argument("--models-dir", required=True)
-    a = p.parse_args()
+    p.add_argument("--watch-pid", type=int,
+                   help="stop when this process is gone (default: the nearest sshd ancestor)")
+    p.add_argument("--no-watch-parent", action="store_true",
+                   help="do not stop when the run that started this staging is gone")
+    a = p.parse_args(argv)
+    if not a.no_watch_parent:
+        if a.watch_pid:
+            st = proc_stat(a.watch_pid)
+            if st is None:
+                say(f"process {a.watch_pid} to watch does not exist: not staging")
+                return EXIT_RUN_GONE
+            watch(a.watch_pid, st[3], f"process {a.watch_pid}")
+        else:
+            found = session_ancestor()
+            if found is not None:
+                watch(found[0], found[1], "the SSH session of the run that started this staging")
     with open(a.manifest, encoding="utf-8") as f:
         manifest = json.load(f)
-    return stage(manifest, a.endpoint, read_token(a.env_file), a.models_dir)
+    return stage(manifest, a.endpoint, read_token(a.token_file), a.models_dir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def weights_staged(
     commit: str,
     files: list[dict],
     endpoint: str,
-    env_file: str,
+    token_file: str | None = None,
     models_dir: str = "/opt/models",
     revision: str | None = None,
 ):
@@ -29,13 +29,16 @@ def weights_staged(
     ``models_dir/hub``, so the container can run with ``HF_HUB_OFFLINE=1``. A completion marker
     makes a staged model a no-op without listing files; otherwise the host downloads what is
     missing (disk space checked first, resumable, sha256-verified), reading the token from the
-    root-only env file.
+    root-only token file. One staging per model at a time on the host (a second one waits, then
+    resumes what the first left); the host script stops when this run's SSH connection is gone
+    (the controller was killed), keeping what arrived for the next run; a full disk stops at
+    once, without retries.
 
     + model: Hugging Face model id
     + commit: the 40-hex commit to stage
     + files: the files of that commit: ``[{"path", "size", "sha256"?}]`` (from gpufleet.hub)
     + endpoint: the Hub's URL (``https://huggingface.co`` or HF_ENDPOINT)
-    + env_file: the root-only env file holding HF_TOKEN
+    + token_file: the root-only file holding HF_TOKEN (None or a missing file: anonymous)
     + models_dir: the Hugging Face cache directory on the host
     + revision: the branch or tag the commit was resolved from (written to ``refs/``)
 
@@ -49,7 +52,7 @@ def weights_staged(
             commit="8afb486c1db24fe5011ec46dfbe5b5dccdb575c2",
             files=[{"path": "config.json", "size": 654}],
             endpoint="https://huggingface.co",
-            env_file="/etc/gpufleet/llama3.env",
+            token_file="/etc/gpufleet/llama3.hf-token",
         )
     """
     if host.get_fact(WeightsStaged, models_dir=models_dir, model=model, commit=commit):
@@ -62,8 +65,8 @@ def weights_staged(
     path = f"{SCRIPT_DIR}/manifests/{model.replace('/', '--')}-{commit}.json"
     yield StringCommand("mkdir", "-p", QuoteString(f"{SCRIPT_DIR}/manifests"))
     yield FileUploadCommand(StringIO(json.dumps(manifest, indent=1) + "\n"), path)
+    token_args = ["--token-file", QuoteString(token_file)] if token_file else []
     yield StringCommand(
         "python3", STAGE_SCRIPT, "--manifest", QuoteString(path), "--endpoint",
-        QuoteString(endpoint), "--env-file", QuoteString(env_file), "--models-dir",
-        QuoteString(models_dir),
+        QuoteString(endpoint), *token_args, "--models-dir", QuoteString(models_dir),
     )

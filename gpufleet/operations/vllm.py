@@ -14,16 +14,19 @@ from gpufleet.secrets import Secret
 
 
 @operation()
-def secret_file(path: str, content: Secret, mode: str = "600", dir_mode: str = "700"):
+def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: str = "700",
+                present: bool = True):
     """
     Write a root-only file holding secrets, without ever showing its content: no command line,
     no ``--diff``, no output. Compared by SHA-256, uploaded over SFTP into a root-only directory
-    and moved into place atomically.
+    and moved into place atomically. With ``present=False`` the file is removed (a secret that
+    is no longer set must not linger on the host).
 
     + path: the file to write (its directory is created root-only)
-    + content: the file's content, a ``gpufleet.secrets.Secret``
+    + content: the file's content, a ``gpufleet.secrets.Secret`` (None with ``present=False``)
     + mode: the file's mode
     + dir_mode: the mode of its directory
+    + present: whether the file should exist
 
     **Example:**
 
@@ -32,13 +35,27 @@ def secret_file(path: str, content: Secret, mode: str = "600", dir_mode: str = "
         vllm.secret_file(
             name="Env file for llama3",
             path="/etc/gpufleet/llama3.env",
-            content=Secret("HF_TOKEN=...\\nVLLM_API_KEY=...\\n"),
+            content=Secret("VLLM_API_KEY=...\\n"),
+        )
+        vllm.secret_file(
+            name="No Hub token file for llama3 (public model)",
+            path="/etc/gpufleet/llama3.hf-token",
+            content=None,
+            present=False,
         )
     """
+    info = host.get_fact(File, path=path)
+    if not present:
+        if info:
+            yield StringCommand("rm", "-f", QuoteString(path))
+        else:
+            host.noop(f"{path} does not exist")
+        return
+    if content is None:
+        raise TypeError("secret_file: content is required unless present=False")
     directory = path.rsplit("/", 1)[0] or "/"
     text = content.reveal()
     wanted = hashlib.sha256(text.encode()).hexdigest()
-    info = host.get_fact(File, path=path)
     same_content = bool(info) and host.get_fact(Sha256File, path=path) == wanted
     right_mode = bool(info) and info.get("mode") == int(mode) and info.get("user") == "root"
     if same_content and right_mode:

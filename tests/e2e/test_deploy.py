@@ -177,13 +177,19 @@ def test_secrets_appear_nowhere_but_the_env_file(lab, secret_name):
         assert secret not in journal, f"{secret_name} in {name}'s journal"
         inspect = lab.ssh(name, "docker inspect gpufleet-llama3").stdout
         assert secret not in inspect, f"{secret_name} in docker inspect on {name}"
+        # the API key only in the server's env file, the Hub token only in its own token file
+        home = {"HF_TOKEN": "/etc/gpufleet/llama3.hf-token",
+                "VLLM_API_KEY": "/etc/gpufleet/llama3.env"}[secret_name]
         files = _grep_host_files(lab, name, secret)
-        assert [f for f in files if not f.endswith("/etc/gpufleet/llama3.env")] == [], files
-        mode = lab.ssh(name, "stat -c '%a %U %G' /etc/gpufleet/llama3.env /etc/gpufleet").stdout
-        assert mode.split("\n")[:2] == ["600 root root", "700 root root"]
-        content = f"HF_TOKEN='{SECRETS['HF_TOKEN']}'\nVLLM_API_KEY='{API}'\n"
-        digest = hashlib.sha256(content.encode()).hexdigest()
-        assert lab.ssh(name, "sha256sum /etc/gpufleet/llama3.env").stdout.split()[0] == digest
+        assert [f for f in files if not f.endswith(home)] == [], files
+        mode = lab.ssh(name, "stat -c '%a %U %G' /etc/gpufleet/llama3.env "
+                             "/etc/gpufleet/llama3.hf-token /etc/gpufleet").stdout
+        assert mode.split("\n")[:3] == ["600 root root", "600 root root", "700 root root"]
+        sums = lab.ssh(name, "sha256sum /etc/gpufleet/llama3.env "
+                             "/etc/gpufleet/llama3.hf-token").stdout.split()
+        assert sums[0] == hashlib.sha256(f"VLLM_API_KEY='{API}'\n".encode()).hexdigest()
+        assert sums[2] == hashlib.sha256(
+            f"HF_TOKEN='{SECRETS['HF_TOKEN']}'\n".encode()).hexdigest()
 
 
 def test_a_server_that_crashes_fails_the_host_with_its_last_log_lines(lab):

@@ -77,6 +77,35 @@ def hub_server(hub_servers: Callable[..., HubServer]) -> Callable[..., HubServer
     return hub_servers
 
 
+@pytest.fixture(autouse=True)
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The retries' waits, recorded instead of slept (every test runs without real backoff)."""
+    slept: list[float] = []
+    monkeypatch.setattr(hub, "DEFAULT_RETRY", hub.Retry(sleep=slept.append))
+    return slept
+
+
+def fail_next(monkeypatch: pytest.MonkeyPatch, answers: list[tuple[int, dict[str, str]]],
+              path_part: str = "") -> list[str]:
+    """The emulator answers the next requests whose path contains ``path_part`` with these
+    (status, headers) instead of serving them; returns the paths that got them."""
+    failed: list[str] = []
+    real = he._Handler._hub
+
+    def hub_with_faults(self: Any, raw_path: str, query: dict[str, list[str]]) -> None:
+        if answers and path_part in raw_path:
+            status, headers = answers.pop(0)
+            failed.append(raw_path)
+            raise he.HubError(status, {429: "Too Many Requests", 500: "Internal Error",
+                                       502: "Bad Gateway", 503: "Service Unavailable",
+                                       504: "Gateway Timeout"}.get(status, "Fault"),
+                              headers=headers)
+        real(self, raw_path, query)
+
+    monkeypatch.setattr(he._Handler, "_hub", hub_with_faults)
+    return failed
+
+
 @pytest.fixture
 def endpoint(hub_server: Callable[..., HubServer]) -> str:
     return base_url(hub_server())
@@ -224,8 +253,104 @@ def test_unreachable_endpoint() -> None:
     assert str(err.value).startswith(
         f"cannot reach the Hugging Face Hub at {endpoint} to read {PUBLIC} (ConnectError: ")
     assert str(err.value).endswith(
-        "): check the controller's network and proxy settings, or HF_ENDPOINT")
+        "; tried 4 times): check the controller's network and proxy settings, or HF_ENDPOINT")
     assert he.GOOD_TOKEN not in str(err.value)
+
+
+# --- retries of transient failures --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_single_server_error_at_preflight_is_retried(endpoint: str, status: int,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       waits: list[float]) -> None:
+    failed = fail_next(monkeypatch, [(status, {})])
+    assert check_access(PUBLIC, "main", None, endpoint) == MAIN
+    assert failed == [f"/api/models/{PUBLIC}/revision/main"] and waits == [1.0]
+
+
+def test_a_server_error_on_a_file_of_the_shape_is_retried(endpoint: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          waits: list[float]) -> None:
+    failed = fail_next(monkeypatch, [(502, {})], path_part="/resolve/")
+    shape = model_shape(PUBLIC, "main", None, endpoint, tmp_path)
+    assert shape.commit == MAIN and len(failed) == 1 and waits == [1.0]
+    # the gated model's HEAD in check_access too
+    failed = fail_next(monkeypatch, [(503, {})], path_part="/resolve/")
+    assert check_access(GATED, "main", he.GOOD_TOKEN, endpoint) == MAIN
+    assert failed == [f"/{GATED}/resolve/{MAIN}/config.json"]
+
+
+def test_a_cut_connection_while_reading_the_shape_is_retried(endpoint: str, tmp_path: Path,
+                                                             waits: list[float]) -> None:
+    # the emulator's own fault injection: the config.json download is cut after 10 bytes
+    import urllib.request
+
+    body = json.dumps({"cut_after_bytes": 10, "count": 1, "path": "config.json"}).encode()
+    urllib.request.urlopen(urllib.request.Request(endpoint + "/_lab/faults", data=body,
+                                                  method="POST"), timeout=10).close()
+    shape = model_shape(PUBLIC, "main", None, endpoint, tmp_path)
+    assert shape.num_layers > 0 and stats(endpoint)["downloads"]["cut"] == 1
+    assert waits == [1.0]
+
+
+def test_four_server_errors_in_a_row_fail_with_one_clear_line(endpoint: str,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              waits: list[float]) -> None:
+    failed = fail_next(monkeypatch, [(503, {})] * 5)
+    with pytest.raises(HubAccessError) as err:
+        check_access(GATED, "main", he.GOOD_TOKEN, endpoint)
+    assert str(err.value) == (
+        f"the Hugging Face Hub at {endpoint} answered HTTP 503 for {GATED} "
+        f"(GET /api/models/{GATED}/revision/main; tried 4 times): Service Unavailable; "
+        "the Hub is having trouble: deploy again later")
+    assert "\n" not in str(err.value) and he.GOOD_TOKEN not in str(err.value)
+    assert len(failed) == 4 and waits == [1.0, 2.0, 4.0]  # bounded exponential backoff
+
+
+def test_a_429_honours_retry_after_capped_at_30_seconds(endpoint: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        waits: list[float]) -> None:
+    fail_next(monkeypatch, [(429, {"Retry-After": "7"}), (429, {"Retry-After": "3600"}),
+                            (429, {})])
+    assert resolve_revision(PUBLIC, "next", None, endpoint) == NEXT
+    assert waits == [7.0, 30.0, 4.0]
+
+
+@pytest.mark.parametrize("token, status", [(he.NO_ACCESS_TOKEN, 403), (None, 401),
+                                           (BAD_TOKEN, 401)])
+def test_access_errors_are_never_retried(endpoint: str, token: str | None, status: int,
+                                         waits: list[float]) -> None:
+    reset(endpoint)
+    with pytest.raises(HubAccessError):
+        check_access(GATED, "main", token, endpoint)
+    assert waits == []
+    assert {r["status"] for r in he_requests(endpoint)} <= {200, status}
+    assert sum(r["status"] == status for r in he_requests(endpoint)) == 1
+
+
+def test_an_unknown_model_is_not_retried(endpoint: str, waits: list[float]) -> None:
+    with pytest.raises(HubAccessError, match="was not found"):
+        check_access("gpufleet-lab/nope", "main", he.GOOD_TOKEN, endpoint)
+    with pytest.raises(HubAccessError, match="revision 'nope'"):
+        model_shape(PUBLIC, "nope", None, endpoint)
+    assert waits == []
+
+
+def test_retry_is_injectable_per_call(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    fail_next(monkeypatch, [(500, {})] * 2)
+    retry = hub.Retry(attempts=2, backoff_s=0.01, sleep=slept.append)
+    with pytest.raises(HubAccessError, match="tried 2 times"):
+        check_access(PUBLIC, "main", None, endpoint, retry=retry)
+    assert slept == [0.01]
+
+
+def he_requests(endpoint: str) -> list[dict[str, Any]]:
+    import urllib.request
+
+    with urllib.request.urlopen(endpoint + "/_lab/requests", timeout=10) as resp:
+        return json.loads(resp.read())["requests"]
 
 
 def test_an_endpoint_that_is_not_a_hub(endpoint: str) -> None:
@@ -314,7 +439,8 @@ def test_model_shape_of_the_tiny_model(endpoint: str, tmp_path: Path) -> None:
     assert next(f for f in shape.files if f["path"] == "model.safetensors")["sha256"] == (
         "844464015b573956d2cce632e368bda122feb5d5d51c22cae8ee8b4e4da008de")
     s = stats(endpoint)
-    assert s["requests_by_kind"] == {"model_info": 1, "resolve_head": 1, "resolve_get": 1}
+    # config.json: one GET (no HEAD first, and no retries but gpufleet's own)
+    assert s["requests_by_kind"] == {"model_info": 1, "resolve_get": 1}
     assert s["bytes_by_file"] == {f"{PUBLIC}/config.json": files["config.json"].size}
 
 

@@ -37,11 +37,29 @@ def test_user_given_api_key_wins(tmp_path):
     assert not secrets.api_key_path("llama3", env).exists()
 
 
-def test_env_file_content():
+def test_server_env_has_only_the_api_key_and_the_token_has_its_own_file():
     s = secrets.ServiceSecrets(secrets.Secret("hf_x"), secrets.Secret("k"))
-    assert s.env_file_content().reveal() == "HF_TOKEN='hf_x'\nVLLM_API_KEY='k'\n"
+    assert s.server_env().reveal() == "VLLM_API_KEY='k'\n"
+    assert "HF_TOKEN" not in s.server_env().reveal() and "hf_x" not in s.server_env().reveal()
+    assert s.hub_token_file().reveal() == "HF_TOKEN='hf_x'\n"
+    assert "VLLM_API_KEY" not in s.hub_token_file().reveal()
     s = secrets.ServiceSecrets(None, secrets.Secret("k"))
-    assert s.env_file_content().reveal() == "VLLM_API_KEY='k'\n"
+    assert s.server_env().reveal() == "VLLM_API_KEY='k'\n"
+    assert s.hub_token_file() is None  # no token: no token file (a stale one is removed)
+
+
+def test_a_token_rotation_keeps_the_server_env_an_api_key_rotation_changes_it():
+    old = secrets.ServiceSecrets(secrets.Secret("hf_old"), secrets.Secret("k"))
+    new = secrets.ServiceSecrets(secrets.Secret("hf_new"), secrets.Secret("k"))
+    assert old.server_env() == new.server_env()  # no vLLM restart, same release id
+    assert old.hub_token_file() != new.hub_token_file()
+    rotated = secrets.ServiceSecrets(secrets.Secret("hf_old"), secrets.Secret("k2"))
+    assert rotated.server_env() != old.server_env()
+
+
+def test_the_token_file_is_next_to_the_env_file():
+    assert SPEC.env_file == "/etc/gpufleet/llama3.env"
+    assert SPEC.hf_token_file == "/etc/gpufleet/llama3.hf-token"
 
 
 def test_hf_token_is_optional_the_hub_check_decides(tmp_path):
