@@ -13,12 +13,14 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,24 +135,122 @@ def env_file(cfg: hosts.LabConfig) -> Path:
     return cfg.state_dir / "lab.env"
 
 
+# every tool ``lab up`` runs on this machine -> the Debian package that provides it
+REQUIRED_TOOLS = {
+    **hosts.TOOLS,
+    "apt-ftparchive": "apt-utils",
+    "dpkg-deb": "dpkg",
+    "gpg": "gnupg",
+    "curl": "curl",
+}
+
+
+class LabUpError(hosts.LabError):
+    """``lab up`` stopped: the message is one line naming the step and why."""
+
+
+def missing_tools(which: Callable[[str], str | None] | None = None,
+                  exists: Callable[[str], bool] | None = None) -> dict[str, str]:
+    """The tools (and files) ``lab up`` needs that this machine lacks -> their package."""
+    which = which or shutil.which
+    exists = exists or os.path.exists
+    missing = {cmd: pkg for cmd, pkg in sorted(REQUIRED_TOOLS.items()) if which(cmd) is None}
+    missing.update({path: pkg for path, pkg in sorted(hosts.TOOL_FILES.items())
+                    if not exists(path)})
+    return missing
+
+
+def check_tools(which: Callable[[str], str | None] | None = None,
+                exists: Callable[[str], bool] | None = None) -> None:
+    """Refuse, before anything is made, when a tool is missing: one line with what to
+    install (``apt-ftparchive is missing: apt-get install apt-utils``)."""
+    missing = missing_tools(which, exists)
+    if not missing:
+        return
+    names = ", ".join(missing)
+    verb = "is" if len(missing) == 1 else "are"
+    packages = " ".join(sorted(set(missing.values())))
+    raise LabUpError(f"{names} {verb} missing: apt-get install {packages}")
+
+
+def _services_running(cfg: hosts.LabConfig) -> bool:
+    try:
+        pid, start = (int(x) for x in _services_pidfile(cfg).read_text().split())
+    except (OSError, ValueError):
+        return False
+    return _start_time(pid) == start
+
+
+def _is_up(cfg: hosts.LabConfig) -> bool:
+    """Whether a host or the services daemon of this lab runs."""
+    if not cfg.state_dir.exists():
+        return False
+    return _services_running(cfg) or any(st.running for st in hosts.status(cfg))
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    raw = error.args[0] if isinstance(error, KeyError) and error.args else error
+    text = " ".join(str(raw).split()) or type(error).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
 def up(cfg: hosts.LabConfig, wishes: list[HostWish], count: int | None = None,
        tag: str = DEFAULT_TAG) -> dict[str, str]:
-    t0 = time.monotonic()
-    hosts.ensure_tools()
-    repo_root = aptrepo.build_toolkit_repo(cfg.cache_dir / "aptrepo").root
-    image_dir = cfg.cache_dir / "vllm-image"
-    images.build_vllm_image(image_dir)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    _secret_file(cfg.state_dir / "do-token", "dop_v1_lab")
-    _secret_file(cfg.state_dir / "hf-token", "hf_lab")
-    t1 = time.monotonic()
-    hosts.boot(cfg, plan_hosts(cfg, wishes, count, tag))
-    t2 = time.monotonic()
-    urls = _start_services(cfg, repo_root, image_dir)
-    env = lab_env(cfg, urls, tag)
-    path = env_file(cfg)
-    path.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
-    path.chmod(0o600)
+    """Boot the lab. Missing tools are refused before anything is made; a lab that is up
+    already is kept as it is (its environment is returned, so ``make demo`` runs twice); when
+    a later step fails, everything this run made is taken down again (``down``) and
+    ``LabUpError`` names the step and why."""
+    check_tools()
+    if _is_up(cfg):
+        if env_file(cfg).exists():
+            print(f"lab {cfg.prefix} is already up: kept as it is (gpufleet lab --prefix "
+                  f"{cfg.prefix} down to start afresh)", file=sys.stderr)
+            return _read_env(env_file(cfg))
+        raise LabUpError(f"lab {cfg.prefix!r} is half up: take it down first "
+                         f"(gpufleet lab --prefix {cfg.prefix} --subnet {cfg.subnet} down)")
+    t0 = t1 = t2 = time.monotonic()
+    step = "check the tools"
+    try:
+        step = "build the stand-in toolkit apt repository"
+        repo_root = aptrepo.build_toolkit_repo(cfg.cache_dir / "aptrepo").root
+        step = "build the stand-in vLLM image"
+        image_dir = cfg.cache_dir / "vllm-image"
+        images.build_vllm_image(image_dir)
+        step = "write the lab's state and tokens"
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        _secret_file(cfg.state_dir / "do-token", "dop_v1_lab")
+        _secret_file(cfg.state_dir / "hf-token", "hf_lab")
+        t1 = time.monotonic()
+        step = "boot the hosts"
+        hosts.boot(cfg, plan_hosts(cfg, wishes, count, tag))
+        t2 = time.monotonic()
+        step = "start the lab services"
+        urls = _start_services(cfg, repo_root, image_dir)
+        step = "write the lab environment"
+        env = lab_env(cfg, urls, tag)
+        path = env_file(cfg)
+        path.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+        path.chmod(0o600)
+    except (Exception, KeyboardInterrupt) as e:
+        why = _one_line(e)
+        try:
+            down(cfg)
+            after = "everything it made was taken down again"
+        except Exception as d:  # noqa: BLE001 - report both, never a traceback
+            after = (f"taking it down failed too ({_one_line(d)}): run gpufleet lab --prefix "
+                     f"{cfg.prefix} --subnet {cfg.subnet} down")
+        raise LabUpError(f"lab up failed at step '{step}': {why}; {after}") from e
     print(f"lab {cfg.prefix}: images {t1 - t0:.1f}s, hosts {t2 - t1:.1f}s, services "
           f"{time.monotonic() - t2:.1f}s", file=sys.stderr)
     return env
@@ -231,7 +331,15 @@ def main(args: argparse.Namespace) -> int:
         names = [n for p in args.profile for n in p.split(",") if n] or list(DEFAULT_PROFILES)
         if args.hosts is not None and not 1 <= args.hosts <= 8:
             raise SystemExit("gpufleet lab up: --hosts must be between 1 and 8")
-        env = up(cfg, [HostWish.parse(n) for n in names], args.hosts, args.tag)
+        try:
+            wishes = [HostWish.parse(n) for n in names]
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"gpufleet lab up: {_one_line(e)}") from None
+        try:
+            env = up(cfg, wishes, args.hosts, args.tag)
+        except hosts.LabError as e:
+            print(f"gpufleet lab up: {e}", file=sys.stderr)
+            return 1
         for host in hosts.load_hosts(cfg):
             print(f"# {host.droplet_name}: {host.profile} ({host.flavour}) {host.public_ip}")
         print(f"# environment for pyinfra (also in {env_file(cfg)}):")

@@ -10,9 +10,15 @@ from pyinfra.facts.files import FileContents
 
 from gpufleet import daemonjson
 from gpufleet.facts.docker import DockerEngine
+from gpufleet.operations.models import SCRIPT_DIR
 from gpufleet.operations.util import fail_host
 
 DAEMON_JSON = "/etc/docker/daemon.json"
+RESTART_SCRIPT = f"{SCRIPT_DIR}/docker_restart.py"
+# daemon_json keeps the file it replaces under a fixed name (or records there was none), so a
+# daemon.json docker refuses can be put back without knowing the backup's time stamp
+PREVIOUS_SUFFIX = ".gpufleet-previous"
+ABSENT_SUFFIX = ".gpufleet-previous.absent"
 
 
 @operation()
@@ -50,12 +56,15 @@ def daemon_json(path: str = DAEMON_JSON, cgroup_driver: str | None = "cgroupfs")
     """
     Merge the NVIDIA runtime into docker's daemon.json and make it the default runtime, keeping
     every other key. Semantically equal content is left alone (no rewrite, so no docker restart).
-    The new file is validated with ``dockerd --validate`` when docker supports it, the previous
-    one is kept as ``daemon.json.gpufleet-backup-<time>``, and the write is atomic (``mv``).
+    The new file is validated with ``dockerd --validate`` when docker supports it (23 and
+    later), the previous one is kept as ``daemon.json.gpufleet-backup-<time>`` and as
+    ``daemon.json.gpufleet-previous`` (or ``daemon.json.gpufleet-previous.absent`` records that
+    there was none) for ``restarted_for_daemon_json``, and the write is atomic (``mv``).
     A file that is not valid JSON fails the host and is left untouched; run this early, before
-    anything else changes on the host. Docker is not restarted here: restart it when this
-    operation changed something (and ``default_runtime`` restarts it if the running daemon still
-    does not use the nvidia runtime).
+    anything else changes on the host. Docker is not restarted here: restart it with
+    ``restarted_for_daemon_json`` when this operation changed something (and
+    ``default_runtime`` restarts it if the running daemon still does not use the nvidia
+    runtime).
 
     + path: daemon.json location
     + cgroup_driver: ``cgroupfs`` (default) sets ``exec-opts: native.cgroupdriver=cgroupfs`` so
@@ -67,8 +76,7 @@ def daemon_json(path: str = DAEMON_JSON, cgroup_driver: str | None = "cgroupfs")
     .. code:: python
 
         daemon = docker.daemon_json(name="NVIDIA default runtime in daemon.json")
-        systemd.service(name="Restart docker", service="docker", restarted=True,
-                        _if=daemon.did_change)
+        docker.restarted_for_daemon_json(name="Restart docker", _if=daemon.did_change)
     """
     try:
         current = daemonjson.parse(_read(path), path)
@@ -88,13 +96,45 @@ def daemon_json(path: str = DAEMON_JSON, cgroup_driver: str | None = "cgroupfs")
         "dockerd", "--validate", "--config-file", QuoteString(new), ">/dev/null", "||",
         "{", "rm", "-f", QuoteString(new), ";", "exit", "1", ";", "}", ";", "fi",
     )
+    previous, absent = path + PREVIOUS_SUFFIX, path + ABSENT_SUFFIX
     yield StringCommand(
         "chmod", "644", QuoteString(new), "&&",
         "if [ -e", QuoteString(path), "]; then", "cp", "-p", QuoteString(path),
         StringCommand(QuoteString(path + ".gpufleet-backup-"), "$(date +%Y%m%dT%H%M%S)",
                       _separator=""),
-        ";", "fi", "&&", "mv", "-f", QuoteString(new), QuoteString(path),
+        "&&", "cp", "-p", QuoteString(path), QuoteString(previous), "&&",
+        "rm", "-f", QuoteString(absent), ";",
+        "else", "rm", "-f", QuoteString(previous), "&&", ":", ">", QuoteString(absent), ";",
+        "fi", "&&", "mv", "-f", QuoteString(new), QuoteString(path),
     )
+
+
+@operation(is_idempotent=False)
+def restarted_for_daemon_json(path: str = DAEMON_JSON, wait: int = 20,
+                              script: str = RESTART_SCRIPT):
+    """
+    Restart docker for a new daemon.json and make sure it comes back. When the restart fails or
+    docker is not active within ``wait`` seconds (docker before 23 has no ``dockerd --validate``,
+    and no version validates against the flags docker.service passes), the previous daemon.json
+    that ``daemon_json`` kept is put back (or the new one removed when there was none), docker
+    is restarted on it, the units that need docker are started again, and the host fails with
+    the file, the line docker logged about it and what to do. Run it only when ``daemon_json``
+    changed something; the host script ``docker_restart.py`` must be installed first.
+
+    + path: daemon.json location (as given to ``daemon_json``)
+    + wait: seconds docker may take to become active after each restart
+    + script: where the ``docker_restart.py`` host script is installed
+
+    **Example:**
+
+    .. code:: python
+
+        daemon = docker.daemon_json(name="NVIDIA default runtime in daemon.json")
+        docker.restarted_for_daemon_json(name="Restart docker for the new daemon.json",
+                                         _if=daemon.did_change)
+    """
+    yield StringCommand("python3", QuoteString(script), "--config", QuoteString(path),
+                        "--wait", QuoteString(str(wait)))
 
 
 @operation()
