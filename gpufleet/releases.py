@@ -9,7 +9,7 @@ with the same id put the same thing on a host. On the host (see ``operations/rel
         releases/<id>/release.json    the record (``make_record``), one line of JSON
         current -> releases/<id>      the release that passed the health gate last
         previous -> releases/<id>     the one before it (a rollback target; its image is kept)
-        rollout.lock/holder.json      while a rollout or rollback runs (``LockHolder``)
+        lock, lock.holder.json        the run lock (a flock held while a run lives) and its holder
         audit.log                     one JSON line per host per rollout/rollback
 """
 
@@ -47,8 +47,13 @@ def release_dir(service: str, release_id: str) -> str:
     return f"{releases_dir(service)}/{release_id}"
 
 
-def lock_dir(service: str) -> str:
-    return f"{service_dir(service)}/rollout.lock"
+def lock_path(service: str) -> str:
+    """The run lock (``flock``) every deploy, rollout and rollback of the service takes."""
+    return f"{service_dir(service)}/lock"
+
+
+def lock_holder_path(service: str) -> str:
+    return f"{service_dir(service)}/lock.holder.json"
 
 
 def audit_log(service: str) -> str:
@@ -168,7 +173,7 @@ def parse_json_line(text: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class LockHolder:
-    """Who holds a service's rollout lock on a host (``rollout.lock/holder.json``)."""
+    """Who holds a service's run lock on a host (``lock.holder.json``)."""
 
     id: str
     command: str

@@ -6,7 +6,8 @@ batch does not stop the next), so the driver owns them:
 1. **Preflight** (nothing changes): connect to every host, define the deploy on each (this
    computes the release each host will get, see ``operations/releases.release_recorded``),
    read the releases recorded on the hosts and any lock. Unreachable hosts stop here.
-2. **Lock** every host (``mkdir rollout.lock``, atomic); a held lock refuses the rollout.
+2. **Lock** every host: the service's run lock (``gpufleet.hostlock``), the one every plain
+   deploy takes too, held as a lease for the whole run; a held lock refuses the rollout.
 3. **Batches**, in a deterministic order (sorted names or ``--order``): the canary hosts, then
    batches of N hosts or P% of the fleet. One pyinfra ``State`` per batch runs the deploy; a
    host is done only when the whole deploy, health gate (``endpoint_verified``) included,
@@ -16,7 +17,7 @@ batch does not stop the next), so the driver owns them:
 4. **Failed hosts** are restored to the release they had (its recorded unit, daemon-reload,
    restart, health gate again; image and weights are still on the host: nothing downloads).
    More failed hosts in a batch than ``max_failed`` aborts: later batches are not touched.
-5. **Finish** (always, also on errors): an audit line on every locked host, the lock released.
+5. **Finish** (always, also on errors): an audit line on every host, the lock released.
 
 Planning is pure (``plan_batches``); the pyinfra plumbing needs gevent's monkey-patching,
 done by ``gpufleet.rollout_cli`` before pyinfra is imported.
@@ -46,7 +47,7 @@ from pyinfra.api.operations import run_ops
 from pyinfra.context import ctx_inventory, ctx_state
 from pyinfra.operations import systemd
 
-from gpufleet import releases
+from gpufleet import hostlock, releases
 from gpufleet.facts.releases import RecordedServices, ReleaseState, empty_state
 from gpufleet.operations import releases as release_ops
 from gpufleet.operations import vllm
@@ -168,7 +169,7 @@ class Report:
     batches: list[dict[str, Any]] = field(default_factory=list)
     hosts: list[HostResult] = field(default_factory=list)
     lock: dict[str, Any] | None = None
-    locks_left: list[str] = field(default_factory=list)
+    audit_missing: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -204,6 +205,7 @@ class Options:
     order: list[str] | None = None
     limit: list[str] | None = None
     break_lock: bool = False
+    wait: float = 0.0  # seconds to wait for a lock another run holds
     to_release: str | None = None
     service: str | None = None
     confirm: Callable[[Report], bool] | None = None  # None: go ahead (--yes)
@@ -440,13 +442,17 @@ class Driver:
 
     def __init__(self, options: Options, events: Events | None = None,
                  inventory: Inventory | None = None,
-                 probe: Callable[[Host], bool] | None = None) -> None:
+                 probe: Callable[[Host], bool] | None = None,
+                 acquire: Callable[..., hostlock.Lease | None] | None = None) -> None:
         self.opts = options
         self.events: Events = events or Silent()
         self.inventory = inventory
         self.probe = probe or (lambda h: tcp_probe(_address(h)))
+        self.acquire = acquire or hostlock.acquire
         self.holder: releases.LockHolder | None = None
-        self.locked: list[str] = []
+        self.leases: dict[str, hostlock.Lease] = {}
+        self._lock_state: State | None = None
+        self.went_ahead = False
         self.service: str | None = None
         self.states: dict[str, dict[str, Any]] = {}
         self.targets: dict[str, str | None] = {}
@@ -531,8 +537,7 @@ class Driver:
         except RolloutError as e:
             self.report.result, self.report.exit_code, self.report.message = "error", USAGE, str(e)
         finally:
-            if self.locked:
-                self._finish()
+            self._finish()
             self.report.finished = releases.now_iso()
             self._time("total_s", started)
         return self.report
@@ -577,11 +582,7 @@ class Driver:
             report.result, report.exit_code, report.message = "not confirmed", USAGE, ""
             return
 
-        t = time.monotonic()
-        if not self._lock(reachable):
-            self._time("lock_s", t)
-            return
-        self._time("lock_s", t)
+        self.went_ahead = True
         self._batches(batches)
 
     def _preflight(self, ordered: list[str]) -> list[str] | None:
@@ -610,18 +611,23 @@ class Driver:
             self.service = (self._define_rollout(state, hosts) if opts.command == "rollout"
                             else self._discover_service(state, hosts))
             report.service = self.service
+            if not opts.plan_only:  # a plan only reads: it takes no lock
+                t = time.monotonic()
+                locked = self._lock(state, hosts)
+                self._time("lock_s", t)
+                if not locked:
+                    return None
             self.states = self._read_states(state, hosts)
             self.targets = self._choose_targets(state, hosts)
             for n in up:
                 hr, st = report.host(n), self.states[n]
                 hr.from_release, hr.to_release = st["current"], self.targets.get(n)
-            held = {n: st["lock"] for n, st in self.states.items() if st["locked"]}
-            if held and not opts.break_lock:
-                self._refuse_locked(held)
-                return None
             return up
         finally:
-            self._shutdown(state)
+            if not self.leases:
+                self._shutdown(state)
+            else:
+                self._lock_state = state  # its connections hold the leases until _finish
 
     def _define_rollout(self, state: State, hosts: list[Host]) -> str:
         """Define the deploy on every host (nothing runs) to learn the release each host will
@@ -630,7 +636,7 @@ class Driver:
         path = os.path.abspath(opts.deploy or "")
         if not os.path.isfile(path):
             raise RolloutError(f"deploy file {opts.deploy} does not exist")
-        with ctx_inventory.use(state.inventory):
+        with ctx_inventory.use(state.inventory), hostlock.deferred():
             try:
                 add_deploy(state, run_deploy_file, path, host=hosts)
             except PyinfraError as e:
@@ -701,39 +707,37 @@ class Driver:
 
     def _refuse_locked(self, held: Mapping[str, Any]) -> None:
         first = next(iter(held.values()))
-        holder = releases.LockHolder.from_doc(first)
-        who = holder.describe() if holder else "an unknown holder (holder.json unreadable)"
         self.report.lock = first
         self.report.result, self.report.exit_code = "refused: locked", LOCKED
         self.report.message = (
-            f"the {self.service} rollout lock is held on {', '.join(sorted(held))} by {who}; "
-            f"nothing changed. If that rollout is dead, break the lock with --break-lock")
+            f"the {self.service} run lock is held on {', '.join(sorted(held))} by "
+            f"{hostlock.describe(first)}; nothing changed. Wait for that run (--wait S), or "
+            "end it if it hangs with --break-lock")
 
-    def _lock(self, names: list[str]) -> bool:
-        to = sorted({t for t in self.targets.values() if t})
+    def _lock(self, state: State, hosts: list[Host]) -> bool:
+        """Take the service's run lock on every host (a lease held by this run's connections:
+        released when the run ends, however it ends). A held lock refuses the whole run."""
+        service = self.service or ""
         self.holder = releases.LockHolder(
             id=self.report.id, command=self.opts.command, who=self.report.by, pid=os.getpid(),
-            started=self.report.started, release=",".join(to) or None, hosts=len(names))
-        state = self._state(names)
-        try:
-            self._connect(state)
-            hosts = [h for h in state.inventory if h in state.active_hosts]
-            lost = sorted(set(names) - {h.name for h in hosts})
-            command = release_ops.lock_command(self.service or "", self.holder,
-                                               self.opts.break_lock)
-            results = self._shell(state, hosts, lambda h: command)
-        finally:
-            self._shutdown(state)
-        self.locked = [n for n, (ok, _) in results.items() if ok]
-        for n, (_ok, lines) in results.items():
-            broken = [ln for ln in lines if ln.startswith("BROKEN ")]
-            if broken:
-                self.events.emit(n, f"broke the lock of {broken[0][7:] or '(no holder.json)'}")
-        held = {n: _holder_from_output(lines) for n, (ok, lines) in results.items()
-                if not ok and "LOCKED" in lines}
-        failed = {n: " ".join(lines)[-200:] for n, (ok, lines) in results.items()
-                  if not ok and "LOCKED" not in lines}
-        failed.update({n: "unreachable" for n in lost})
+            started=self.report.started, hosts=len(hosts),
+            release=",".join(sorted({r.id for r in self._planned.values()})) or None)
+        if self.opts.break_lock:
+            command = hostlock.break_command(service)
+            for n, (_ok, lines) in self._shell(state, hosts, lambda h: command).items():
+                broken = hostlock.holder_json(lines)
+                if broken:
+                    self.events.emit(n, f"broke the lock of {hostlock.describe(broken)}")
+        results = self._in_parallel(
+            lambda h: self.acquire(state, h, service, self.holder, self.opts.wait), hosts,
+            timeout=self.opts.wait + 60)
+        for name, value in results.items():
+            if isinstance(value, hostlock.Lease):
+                self.leases[name] = value
+        held = {n: v.holder for n, v in results.items()
+                if isinstance(v, hostlock.LockError) and v.holder is not None}
+        failed = {n: str(v) for n, v in results.items()
+                  if isinstance(v, Exception) and n not in held}
         if held:
             self._refuse_locked(held)
         elif failed:
@@ -741,10 +745,19 @@ class Driver:
             self.report.message = "could not take the lock on " + "; ".join(
                 f"{n}: {why}" for n, why in sorted(failed.items()))
         if held or failed:
+            self._release()
             return False
-        self.events.emit(None, f"lock taken on {len(self.locked)} hosts "
+        self.events.emit(None, f"lock taken on {len(hosts)} hosts "
                                f"({self.opts.command} {self.report.id} by {self.report.by})")
         return True
+
+    def _release(self) -> None:
+        for lease in self.leases.values():
+            lease.release()
+        self.leases = {}
+        if self._lock_state is not None:
+            self._shutdown(self._lock_state)
+            self._lock_state = None
 
     def _batches(self, batches: list[Batch]) -> None:
         opts, report = self.opts, self.report
@@ -941,32 +954,37 @@ class Driver:
                     _close(host, cut=True)
 
     def _finish(self) -> None:
-        """Audit line and lock release on every host this run locked (errors reported)."""
+        """Audit lines (when the run went ahead) under the lock, then the lock released on every
+        host; a host lost on the way gets its audit line through a new connection if it
+        answers again."""
         t = time.monotonic()
         report = self.report
         report.finished = releases.now_iso()
-        reachable = [n for n in self.locked if self.probe(self._host(n))]
-        unreachable = sorted(set(self.locked) - set(reachable))
-        results: dict[str, tuple[bool, list[str]]] = {}
+        missed: list[str] = []
+        if self.went_ahead:
+            for name in [h.host for h in report.hosts if h.host in self.leases]:
+                # a host that does not answer its SSH port cannot answer on its lease either
+                if not self.probe(self._host(name)) or not self.leases[name].audit(
+                        self._audit_line(name)):
+                    missed.append(name)
+        for name in missed:
+            self.leases.pop(name).release(timeout=1)  # its host is gone: do not wait for it
+        self._release()
+        reachable = [n for n in missed if self.probe(self._host(n))]
         if reachable:
             state = self._state(reachable)
             try:
                 self._connect(state)
                 hosts = [h for h in state.inventory if h in state.active_hosts]
-                unreachable += sorted(set(reachable) - {h.name for h in hosts})
-
-                def command(h: Host) -> Any:
-                    return release_ops.unlock_command(self.service or "", report.id,
-                                                      self._audit_line(h.name))
-
-                results = self._shell(state, hosts, command)
+                results = self._shell(state, hosts, lambda h: release_ops.audit_command(
+                    self.service or "", self._audit_line(h.name)))
+                missed = [n for n in missed if not results.get(n, (False, []))[0]]
             finally:
                 self._shutdown(state)
-        report.locks_left = sorted(unreachable + [n for n, (ok, _) in results.items() if not ok])
-        if report.locks_left:
-            self.events.emit(None, f"lock NOT released on {', '.join(report.locks_left)} "
-                                   "(unreachable): the next rollout needs --break-lock")
-        self.locked = []
+        if missed:
+            self.events.emit(None, f"no audit line on {', '.join(sorted(missed))} "
+                                   "(unreachable)")
+        report.audit_missing = sorted(missed)
         self._time("finish_s", t)
 
     def _audit_line(self, name: str) -> str:
@@ -988,15 +1006,6 @@ def rollback_target(state: Mapping[str, Any]) -> str | None:
     if current and state.get("unit_sha256") != record.get("unit_sha256"):
         return current
     return state.get("previous")
-
-
-def _holder_from_output(lines: list[str]) -> dict[str, Any] | None:
-    after = lines[lines.index("LOCKED") + 1:] if "LOCKED" in lines else []
-    for line in after:
-        doc = releases.parse_json_line(line)
-        if doc:
-            return doc
-    return None
 
 
 # -- ``gpufleet releases`` -----------------------------------------------------------------

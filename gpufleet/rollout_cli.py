@@ -21,7 +21,7 @@ from typing import Any, TextIO
 EXIT_STATUSES = """exit status: 0 completed, every host healthy; 1 completed with failed hosts
 within --max-failed; 2 bad input or not confirmed; 3 aborted (failed hosts rolled back,
 later batches untouched); 4 unreachable hosts at the start (nothing changed); 5 locked by
-another rollout (nothing changed)"""
+another run (nothing changed)"""
 
 _BOOT = ("from gevent import monkey; monkey.patch_all()\n"
          "import sys\n"
@@ -55,7 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         metavar="HOST,HOST,...", help="these hosts first, in this order "
                         "(default: sorted names)")
     moving.add_argument("--break-lock", action="store_true",
-                        help="remove a stale rollout lock (say whose) before taking it")
+                        help="end a hung run that holds the lock on a host (say whose) "
+                             "before taking it")
+    moving.add_argument("--wait", type=float, default=0.0, metavar="S",
+                        help="wait up to S seconds for a lock another run holds (default: "
+                             "refuse at once)")
 
     p = sub.add_parser("rollout", parents=[common, moving], epilog=EXIT_STATUSES,
                        help="roll a deploy over the fleet: canary, batches, health gates")
@@ -123,6 +127,7 @@ def run(doc: dict[str, Any]) -> int:
             pause=doc.get("pause", 0.0), max_failed=doc.get("max_failed", 0),
             skip_unreachable=doc.get("skip_unreachable", False), order=doc.get("order"),
             limit=doc.get("limit") or None, break_lock=doc.get("break_lock", False),
+            wait=doc.get("wait", 0.0),
             to_release=doc.get("to_release"), service=doc.get("service"),
         )
         if not doc.get("yes"):
@@ -212,9 +217,9 @@ def print_report(report: Any, out: TextIO) -> None:
     out.write(f"\n{report.command} {report.id} {report.result} in {total:.1f}s"
               f" (exit {report.exit_code})" + (f": {report.message}" if report.message else "")
               + "\n")
-    if report.locks_left:
-        out.write(f"lock left on {', '.join(report.locks_left)}: "
-                  "break it with --break-lock once the host is back\n")
+    if report.audit_missing:
+        out.write(f"no audit line on {', '.join(report.audit_missing)}: the host did not "
+                  "answer at the end (its lock went with the connection)\n")
 
 
 def _releases(doc: dict[str, Any], data: dict[str, Any], out: TextIO) -> int:

@@ -14,7 +14,7 @@ from gpufleet import releases
 class ReleaseState(FactBase[dict]):
     """
     Returns the releases of a service recorded on the host, in one command: the ``current``
-    and ``previous`` release ids, every kept record, the rollout lock's holder (if locked) and
+    and ``previous`` release ids, every kept record, the run lock's holder (if held) and
     the SHA-256 of the unit file in place now.
 
     .. code:: python
@@ -37,8 +37,9 @@ class ReleaseState(FactBase[dict]):
             'for f in "$d"/releases/*/release.json; do',
             '[ -f "$f" ] && echo "release=$(cat "$f")";',
             "done;",
-            'if [ -d "$d/rollout.lock" ]; then',
-            'echo "lock=$(cat "$d/rollout.lock/holder.json" 2>/dev/null)"; fi;',
+            # held only while the holder's flock is: a holder file alone means nothing
+            'if [ -f "$d/lock" ] && ! flock -n "$d/lock" true 2>/dev/null; then',
+            'echo "lock=$(cat "$d/lock.holder.json" 2>/dev/null)"; fi;',
             'if [ -f "$u" ]; then echo "unit=$(sha256sum < "$u" | cut -d" " -f1)"; fi;',
             "true",
         )))

@@ -90,7 +90,14 @@ def recorded(service: str, release_id: str, record: dict, unit: str):
     if state["current"] == release_id:
         host.noop(f"release {release_id} is current")
         return
+    # the record must describe what runs: the unit in place is the one this run rendered
+    # (the run lock keeps other runs out; this catches a unit changed behind gpufleet's back)
+    unit_path = q(releases.unit_path(service))
+    why = q(f"gpufleet: {unit_path} is not the unit this run wrote (release {release_id}): "
+            "it changed during the run; nothing recorded, re-run the deploy")
     yield StringCommand(
+        f'[ "$(sha256sum < {unit_path} | cut -d" " -f1)" = {q(record["unit_sha256"])} ] || '
+        f"{{ echo {why} >&2; exit 1; }}; "
         f"set -e; r={q(releases.release_dir(service, release_id))}; mkdir -p \"$r\"; "
         'if [ ! -f "$r/release.json" ]; then '
         f'printf %s {q(unit)} > "$r/unit.new" && mv -f "$r/unit.new" "$r/unit"; '
@@ -144,34 +151,13 @@ def unit_restored(service: str, release_id: str):
     )
 
 
-# -- commands the rollout driver runs directly (not operations: they must run even when the
-# -- deploy of a batch failed, and their output is read back) ---------------------------------
+# -- a command the rollout driver runs directly (not an operation: it must run even when the
+# -- deploy of a batch failed) ------------------------------------------------------------------
 
 
-def lock_command(service: str, holder: releases.LockHolder, break_lock: bool = False
-                 ) -> StringCommand:
-    """Take the service's rollout lock: an atomic ``mkdir``, then ``holder.json``. When it is
-    held, print the holder's JSON after a ``LOCKED`` line and exit 3. ``break_lock`` removes
-    a lock first (printing ``BROKEN <holder>``)."""
-    lock = q(releases.lock_dir(service))
-    pre = (f'if [ -d {lock} ]; then echo "BROKEN $(cat {lock}/holder.json 2>/dev/null)"; '
-           f"rm -rf {lock}; fi; ") if break_lock else ""
+def audit_command(service: str, audit_line: str) -> StringCommand:
+    """Append one line to the service's audit log (for a host whose lock lease was lost)."""
     return StringCommand(
-        f"mkdir -p {q(releases.service_dir(service))} && {pre}"
-        f"if mkdir {lock} 2>/dev/null; then "
-        f"printf '%s\\n' {q(holder.to_json())} > {lock}/holder.json; "
-        f'else echo LOCKED; cat {lock}/holder.json 2>/dev/null; echo; exit 3; fi'
-    )
-
-
-def unlock_command(service: str, holder_id: str, audit_line: str | None = None
-                   ) -> StringCommand:
-    """Append the audit line, then remove the lock if (and only if) ``holder_id`` holds it."""
-    lock = q(releases.lock_dir(service))
-    audit = (f"printf '%s\\n' {q(audit_line)} >> {q(releases.audit_log(service))}; "
-             if audit_line else "")
-    needle = q(f'"id":"{holder_id}"')
-    return StringCommand(
-        f"mkdir -p {q(releases.service_dir(service))} && {audit}"
-        f"if grep -qF {needle} {lock}/holder.json 2>/dev/null; then rm -rf {lock}; fi"
+        f"mkdir -p {q(releases.service_dir(service))} && "
+        f"printf '%s\\n' {q(audit_line)} >> {q(releases.audit_log(service))}"
     )

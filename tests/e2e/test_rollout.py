@@ -3,7 +3,8 @@
 The tests run in file order on one lab and build on each other: a plain deploy records release
 R1 (fp8); a rollout to fp16 (R2); a rollback to R1; a release that never becomes healthy; two
 rollouts at once; a host powered off during its batch; a host that drops off the network during
-its batch and one unreachable at the start.
+its batch and one unreachable at the start; then the run lock against plain deploys (two at once,
+one during a rollout, one killed).
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def test_two_rollouts_at_once_the_second_refuses_naming_the_holder(rollout_lab, 
         assert f"held on llama3-gpu-01, llama3-gpu-02, llama3-gpu-03, llama3-gpu-04 by rollout " \
                f"{rollout_id} to release {SEEN['R2']} by root@" in second.output
         assert "(pid " in second.output and "nothing changed" in second.output
-        assert "--break-lock" in second.output
+        assert "--wait" in second.output and "--break-lock" in second.output
         assert first.wait(timeout=300) == 0, log.read_text()
     finally:
         if first.poll() is None:
@@ -283,7 +284,7 @@ def _assert_lost(out: str, name: str, untouched: str) -> None:
     detail = next(ln for ln in out.splitlines() if ln.startswith(f"  {name}: "))
     assert "host lost" in detail and "rollback impossible: the host does not answer" in detail
     assert "aborted" in out and f"not reached: {untouched}" in out
-    assert f"lock left on {name}" in out
+    assert f"no audit line on {name}" in out  # its lock went with its connection
     assert "llama3-gpu-02   healthy on" in out  # its batch mate made it
 
 
@@ -293,16 +294,14 @@ def test_host_powered_off_during_its_batch_counts_as_failed(rollout_lab, tmp_pat
     out = _lose_host_during_batch(lab, tmp_path, NAMES[2], "power-off")
     _assert_lost(out, NAMES[2], NAMES[3])
     assert (started_at(lab, NAMES[3]), unit_sha(lab, NAMES[3])) == before
-    # power it back on: its lock is still there, so the next rollout refuses ...
+    # power it back on: the lock died with the host (no stale lock to break), and a rollback
+    # puts it back on its last good release
     lab_hosts.power_cycle_host(lab.cfg, 3)
     lab.wait_ssh(NAMES[2])
-    refused = rollout(lab, "--data", "quantization=fp16")
-    assert refused.returncode == 5 and "held on llama3-gpu-03" in refused.output
-    # ... and a rollback with --break-lock puts it back on its last good release
-    back = gpufleet(lab, "rollback", "inventories/do.py", "--limit", NAMES[2], "--break-lock",
-                    "--yes")
+    assert not host_releases(lab)[NAMES[2]]["lock"]
+    back = gpufleet(lab, "rollback", "inventories/do.py", "--limit", NAMES[2], "--yes")
     assert back.returncode == 0, back.output
-    assert "broke the lock of" in back.output
+    assert "broke the lock of" not in back.output
     assert currents(lab)[NAMES[2]] == SEEN["R2"] and chat(lab, NAMES[2])
 
 
@@ -328,6 +327,8 @@ def test_host_dropping_off_the_network_during_its_batch_counts_as_failed(rollout
     finally:
         subprocess.run(["ip", "link", "set", lab.cfg.veth(3), "up"], check=True)
     lab.wait_ssh(NAMES[2])
+    # the host never saw the rollout's connection close (the link was down): its lock holder
+    # waits out its expiry, or --break-lock ends it now
     back = gpufleet(lab, "rollback", "inventories/do.py", "--limit", NAMES[2], "--break-lock",
                     "--yes")
     assert back.returncode == 0, back.output
@@ -348,3 +349,104 @@ def test_releases_table_and_audit_trail(rollout_lab):
     assert all(a["rollout"] and a["by"] and a["finished"] for a in audit)
     kept = lab.ssh(NAMES[0], f"ls {releases.releases_dir('llama3')}").stdout.split()
     assert SEEN["R1"] in kept and SEEN["R2"] in kept
+
+
+# -- one run at a time per host, for every kind of run ---------------------------------------------
+
+
+def start_deploy(lab: Lab, log: Path, *args: str) -> subprocess.Popen:
+    cmd = [str(BIN / "pyinfra"), "-y", "inventories/do.py", "deploys/llama3.py", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**_env(lab), "COLUMNS": "200"},
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def wait_locked(lab: Lab, proc: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
+    """The holder, once ``proc`` holds the run lock on every host."""
+    lock = releases.lock_path("llama3")
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [lab.ssh(n, f"flock -n {lock} true", check=False).returncode != 0 for n in NAMES]
+        if all(held):
+            doc = lab.ssh(NAMES[0], f"cat {releases.lock_holder_path('llama3')}").stdout
+            return json.loads(doc)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the run never held the lock:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def serving_flags(lab: Lab, name: str) -> list[str]:
+    """The ``vllm serve`` arguments of the container that runs now."""
+    args = json.loads(lab.ssh(name, "docker inspect -f '{{json .Args}}' gpufleet-llama3").stdout)
+    return args[args.index("vllm") + 1:]
+
+
+def assert_records_match_the_servers(lab: Lab, max_num_seqs: str) -> None:
+    rows = host_releases(lab)
+    for name in NAMES:
+        record = lab.ssh(name, f"cat {releases.service_dir('llama3')}/current/release.json")
+        flags = json.loads(record.stdout)["flags"]
+        assert rows[name]["current"] == json.loads(record.stdout)["id"] and not rows[name]["lock"]
+        assert serving_flags(lab, name) == flags, name
+        assert flags[flags.index("--max-num-seqs") + 1] == max_num_seqs
+
+
+def test_two_deploys_at_once_one_runs_one_refuses_naming_the_holder(rollout_lab, tmp_path):
+    lab = rollout_lab
+    log = tmp_path / "first.log"
+    first = start_deploy(lab, log, "--data", "quantization=fp16", "--data", "max_num_seqs=20")
+    try:
+        holder = wait_locked(lab, first, log)
+        assert holder["command"] == "deploy" and holder["who"].startswith("root@")
+        second = lab.pyinfra("--data", "quantization=fp16", "--data", "max_num_seqs=24")
+        assert second.returncode == 1, second.output[-3000:]
+        assert f"the llama3 run lock is held by deploy {holder['id']} by root@" in second.output
+        assert "nothing changed" in second.output and "GPUFLEET_WAIT" in second.output
+        assert "Traceback" not in second.output
+        assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.terminate()
+            first.wait(timeout=60)
+    assert_records_match_the_servers(lab, "20")
+
+
+def test_a_plain_deploy_during_a_rollout_is_refused_and_waits_with_gpufleet_wait(rollout_lab,
+                                                                                 tmp_path):
+    lab = rollout_lab
+    log = tmp_path / "rollout.log"
+    proc = start_rollout(lab, log, "--data", "quantization=fp16", "--data", "max_num_seqs=28",
+                         "--batch", "1", "--pause", "3")
+    try:
+        wait_for(log, "lock taken on 4 hosts", proc)
+        rollout_id = log.read_text().split("(rollout ", 1)[1].split()[0]
+        refused = lab.pyinfra("--data", "quantization=fp16", "--data", "max_num_seqs=30")
+        assert refused.returncode == 1, refused.output[-3000:]
+        assert f"held by rollout {rollout_id} to release " in refused.output
+        # with GPUFLEET_WAIT the deploy runs once the rollout has let go, on top of it
+        waited = lab.pyinfra("--data", "quantization=fp16", "--data", "max_num_seqs=30",
+                             extra_env={"GPUFLEET_WAIT": "300"})
+        assert waited.returncode == 0, waited.output[-3000:]
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert_records_match_the_servers(lab, "30")
+
+
+def test_a_killed_deploy_leaves_no_lock_behind(rollout_lab, tmp_path):
+    lab = rollout_lab
+    log = tmp_path / "killed.log"
+    proc = start_deploy(lab, log, "--data", "quantization=fp16", "--data", "max_num_seqs=31",
+                        "--data", 'container_env={"VLLM_STANDIN_COLD_START_S":"20"}')
+    wait_locked(lab, proc, log)
+    proc.kill()
+    proc.wait(timeout=30)
+    lock = releases.lock_path("llama3")
+    deadline = time.monotonic() + 10
+    while any(lab.ssh(n, f"flock -n {lock} true", check=False).returncode for n in NAMES):
+        assert time.monotonic() < deadline, "the lock outlived the run"
+        time.sleep(0.2)
+    run = lab.pyinfra("--data", "quantization=fp16", "--data", "max_num_seqs=30")
+    assert run.returncode == 0, run.output[-3000:]
+    assert_records_match_the_servers(lab, "30")

@@ -169,6 +169,7 @@ def _state(service: str = "llama3") -> dict:
 
 def _record(unit: str) -> releases.Release:
     r = _release(unit=unit)
+    Path(releases.unit_path("llama3")).write_text(unit)  # the deploy wrote it before the gate
     _, cmds = _op(release_ops.recorded, {"releases.ReleaseState": {"service=llama3": _state()}},
                   service="llama3", release_id=r.id, record=r.record(), unit=unit)
     for c in cmds:
@@ -229,24 +230,11 @@ def test_rollback_target_prefers_current_when_a_deploy_did_not_finish():
     assert rollback_target({"current": None, "previous": None, "releases": {}}) is None
 
 
-def test_lock_is_exclusive_names_its_holder_and_is_released_only_by_it(root):
-    a = releases.LockHolder(id="aaaa1111", command="rollout", who="a@ctl", pid=1, started="t")
-    b = releases.LockHolder(id="bbbb2222", command="rollback", who="b@ctl", pid=2, started="t")
-    assert _sh(release_ops.lock_command("llama3", a)).returncode == 0
-    second = _sh(release_ops.lock_command("llama3", b))
-    assert second.returncode == 3
-    lines = second.stdout.splitlines()
-    assert lines[0] == "LOCKED" and json.loads(lines[1])["who"] == "a@ctl"
-    assert _state()["locked"]
-    # b's release does not remove a's lock; the audit line is written anyway
-    assert _sh(release_ops.unlock_command("llama3", b.id, '{"x":1}')).returncode == 0
-    assert _state()["locked"]
-    assert _sh(release_ops.unlock_command("llama3", a.id, '{"y":2}')).returncode == 0
-    assert not _state()["locked"]
-    audit = Path(releases.audit_log("llama3")).read_text().splitlines()
-    assert audit == ['{"x":1}', '{"y":2}']
-    # a stale lock is broken explicitly, saying whose it was
-    assert _sh(release_ops.lock_command("llama3", a)).returncode == 0
-    broke = _sh(release_ops.lock_command("llama3", b, break_lock=True))
-    assert broke.returncode == 0 and broke.stdout.startswith("BROKEN {")
-    assert _state()["lock"]["id"] == b.id
+def test_a_release_is_not_recorded_when_the_unit_in_place_is_not_the_one_started(root):
+    r = _release(unit="unit one\n")
+    Path(releases.unit_path("llama3")).write_text("unit written by another run\n")
+    _, cmds = _op(release_ops.recorded, {"releases.ReleaseState": {"service=llama3": _state()}},
+                  service="llama3", release_id=r.id, record=r.record(), unit="unit one\n")
+    out = _sh(cmds[0])
+    assert out.returncode == 1 and "is not the unit this run wrote" in out.stderr
+    assert _state()["current"] is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pyinfra.api import Inventory
 
-from gpufleet import releases, rollout
+from gpufleet import hostlock, releases, rollout
 from gpufleet.spec import build_spec
 
 # -- planning ------------------------------------------------------------------------------------
@@ -119,14 +119,49 @@ class Recorder(rollout.Events):
         return [t for h, t in self.lines if h == host]
 
 
-def fleet(n: int = 4, bad: tuple[str, ...] = (), lock: dict | None = None,
-          lock_output: list[str] | None = None) -> Inventory:
+class FakeLeases:
+    """The run lock on @fake hosts (which cannot run the host script): leases that record
+    their audit lines; ``held`` names hosts another run holds; ``lost`` hosts' leases died."""
+
+    def __init__(self, held: dict | None = None, lost: tuple[str, ...] = ()) -> None:
+        self.held, self.lost = held, lost
+        self.audit: dict[str, list[str]] = {}
+        self.released: list[str] = []
+
+    def __call__(self, state, host, service, holder, wait=0.0):
+        if self.held is not None:
+            raise hostlock.LockError(f"{host.name}: held by {hostlock.describe(self.held)}",
+                                     holder=self.held)
+        leases = self
+
+        class Pipe:
+            def __init__(self) -> None:
+                self.last = ""
+
+            def write(self, text: str) -> None:
+                self.last = text
+
+            def flush(self) -> None:
+                verb, _, rest = self.last.strip().partition(" ")
+                if verb == "AUDIT" and host.name not in leases.lost:
+                    leases.audit.setdefault(host.name, []).append(rest)
+                    self.answer = "AUDITED\n"
+                else:
+                    self.answer = ""
+
+            def readline(self) -> str:
+                return getattr(self, "answer", "")
+
+        pipe = Pipe()
+        return hostlock.Lease(host.name, service, holder, pipe, pipe,
+                              lambda: self.released.append(host.name))
+
+
+def fleet(n: int = 4, bad: tuple[str, ...] = ()) -> Inventory:
     hosts = []
     for i in range(1, n + 1):
         name = f"gpu-{i:02d}"
-        responses: dict = {'echo "current=': state_lines(lock)}
-        if lock_output is not None:
-            responses["if mkdir"] = {"success": False, "stdout": lock_output}
+        responses: dict = {'echo "current=': state_lines()}
         if name in bad:
             responses["fake-health-gate"] = {
                 "success": False,
@@ -144,11 +179,13 @@ def deploy_file(tmp_path) -> Path:
     return path
 
 
-def drive(deploy_file: Path, inventory: Inventory, **options) -> tuple[rollout.Report, Recorder]:
+def drive(deploy_file: Path, inventory: Inventory, leases: FakeLeases | None = None,
+          **options) -> tuple[rollout.Report, Recorder]:
     events = Recorder()
     opts = rollout.Options(command="rollout", inventory="fake", deploy=str(deploy_file),
                            probe_interval=0.05, **options)
-    report = rollout.Driver(opts, events, inventory=inventory).run()
+    report = rollout.Driver(opts, events, inventory=inventory,
+                            acquire=leases or FakeLeases()).run()
     return report, events
 
 
@@ -193,20 +230,23 @@ def test_failures_within_max_failed_go_on(deploy_file):
 
 
 def test_held_lock_refuses_before_anything_changes(deploy_file):
-    holder = {"id": "beef0001", "command": "rollout", "who": "alice@laptop", "pid": 7,
-              "started": "2026-01-01T00:00:00Z", "release": "0123456789ab"}
-    report, events = drive(deploy_file, fleet(lock=holder))
+    holder = {"id": "beef0001", "command": "deploy", "who": "alice@laptop", "pid": 7,
+              "started": "2026-01-01T00:00:00Z"}
+    report, events = drive(deploy_file, fleet(), leases=FakeLeases(held=holder))
     assert report.exit_code == rollout.LOCKED
-    assert "alice@laptop" in report.message and "beef0001" in report.message
-    assert "--break-lock" in report.message
+    assert "deploy beef0001 by alice@laptop" in report.message
+    assert "--wait" in report.message and "--break-lock" in report.message
     assert not any(t.startswith("== ") for _, t in events.lines)
 
 
-def test_lock_lost_to_a_racing_rollout_refuses_and_names_it(deploy_file):
-    holder = {"id": "cafe0002", "command": "rollout", "who": "bob@ctl", "pid": 9,
-              "started": "2026-01-01T00:00:00Z"}
-    report, _ = drive(deploy_file, fleet(lock_output=["LOCKED", json.dumps(holder)]))
-    assert report.exit_code == rollout.LOCKED and "bob@ctl" in report.message
+def test_every_host_gets_an_audit_line_under_the_lock_and_the_lock_is_released(deploy_file):
+    leases = FakeLeases()
+    report, _ = drive(deploy_file, fleet(), leases=leases)
+    assert report.exit_code == rollout.OK
+    assert sorted(leases.audit) == [f"@fake/gpu-0{i}" for i in range(1, 5)]
+    line = json.loads(leases.audit["@fake/gpu-02"][0])
+    assert line["rollout"] == report.id and line["host_result"] == rollout.HEALTHY
+    assert sorted(leases.released) == sorted(leases.audit)
 
 
 def test_hosts_already_on_the_release_are_left_alone(deploy_file):
@@ -238,9 +278,10 @@ def lost_fleet_driver() -> tuple[rollout.Driver, Recorder]:
     return driver, events
 
 
-def test_lost_host_counts_as_failed_and_keeps_its_lock(deploy_file):
+def test_lost_host_counts_as_failed_and_gets_no_audit_line(deploy_file):
     driver, events = lost_fleet_driver()
     driver.opts.deploy = str(deploy_file)
+    driver.acquire = FakeLeases(lost=("@fake/gpu-03",))
     report = driver.run()
     gpu3 = report.host("@fake/gpu-03")
     assert report.exit_code == rollout.ABORTED
@@ -249,7 +290,7 @@ def test_lost_host_counts_as_failed_and_keeps_its_lock(deploy_file):
     assert any(t.startswith("host lost") for t in events.of("@fake/gpu-03"))
     assert report.host("@fake/gpu-02").result == rollout.HEALTHY
     assert report.host("@fake/gpu-04").result == rollout.NOT_REACHED
-    assert report.locks_left == ["@fake/gpu-03"]
+    assert report.audit_missing == ["@fake/gpu-03"]
 
 
 def test_plan_only_changes_nothing_and_data_other_than_spec_keys_is_masked(deploy_file):
