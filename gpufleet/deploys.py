@@ -6,35 +6,41 @@ call :func:`vllm_service` with an already validated spec.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import hashlib
 import os
+import uuid
 from importlib import resources
 from io import StringIO
 from pathlib import Path
 
 from pyinfra import host, inventory, logger
 from pyinfra.api import deploy
+from pyinfra.context import ctx_host, ctx_state
 from pyinfra.operations import docker as pyinfra_docker
 from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
-from gpufleet import hub, render
+from gpufleet import hostlock, hub, lost_hosts, render
 from gpufleet import plan as planner
 from gpufleet import secrets as service_secrets
 from gpufleet.facts.nvidia import NvidiaGpus
 from gpufleet.facts.vllm import VERIFY_SCRIPT
 from gpufleet.modelshape import ModelShape
 from gpufleet.operations import docker, hostfiles, models, nvidia, releases, vllm
-from gpufleet.spec import MIN_COMPUTE_CAPABILITY, SPEC_KEYS, ServiceSpec, SpecError, load_spec
+from gpufleet.releases import LockHolder, deployed_by, now_iso
+from gpufleet.spec import (
+    MIN_COMPUTE_CAPABILITY,
+    SPEC_KEYS,
+    ServiceSpec,
+    check_data_keys,
+    load_spec,
+)
 
 UNIT_DIR = "/etc/systemd/system"
 SECRETS_IN_CONTAINER = "/run/gpufleet/service.env"
 # the vllm/vllm-openai entrypoint is `vllm serve`; this wrapper exports the secrets first
 ENTRYPOINT_SCRIPT = f'set -a && . {SECRETS_IN_CONTAINER} && set +a && exec vllm serve "$@"'
-
-# pyinfra's own data keys, which may legitimately appear in --data next to spec keys
-_PYINFRA_DATA_PREFIXES = ("ssh_", "winrm_", "docker_", "chroot_", "local_", "fake_", "_")
 
 
 def spec_overrides(data_source: object) -> dict[str, object]:
@@ -48,13 +54,9 @@ def spec_overrides(data_source: object) -> dict[str, object]:
 
 
 def _check_override_keys(keys: list[str]) -> None:
-    """A misspelled ``--data`` key would be silently ignored by pyinfra: refuse close misses."""
-    for key in keys:
-        if key in SPEC_KEYS or key.startswith(_PYINFRA_DATA_PREFIXES):
-            continue
-        close = difflib.get_close_matches(key, SPEC_KEYS, n=1, cutoff=0.75)
-        if close:
-            raise SpecError(f"--data {key}: unknown spec key; did you mean {close[0]!r}?")
+    """A ``--data`` key that is neither a spec key nor pyinfra's or the inventory's own would be
+    silently ignored by pyinfra: refuse it (spec.check_data_keys, as ``gpufleet check`` does)."""
+    check_data_keys(keys)
 
 
 def gpu_requirements(spec: ServiceSpec) -> dict[str, object]:
@@ -114,6 +116,14 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     daemon = docker.daemon_json(
         name="daemon.json: nvidia runtime as default", cgroup_driver=spec.docker_cgroup_driver,
     )
+    # the host scripts before anything needs them (the docker restart below is one)
+    scripts = resources.files("gpufleet.hostscripts")
+    hostfiles.installed(
+        name="gpufleet host scripts (verify endpoint, stage weights, docker restart)",
+        files={VERIFY_SCRIPT: scripts.joinpath("verify_endpoint.py").read_bytes(),
+               models.STAGE_SCRIPT: scripts.joinpath("stage_weights.py").read_bytes(),
+               docker.RESTART_SCRIPT: scripts.joinpath("docker_restart.py").read_bytes()},
+    )
     docker.engine(name="Docker engine installed and running", package=spec.docker_package)
     nvidia.container_toolkit(
         name=f"NVIDIA container toolkit {spec.toolkit_version}",
@@ -121,34 +131,35 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
         repo_url=spec.toolkit_repo_url,
         key_url=spec.toolkit_key_url,
     )
-    systemd.service(
-        name="Restart docker for the new daemon.json", service="docker.service", running=True,
-        restarted=True, _if=daemon.did_change,
+    docker.restarted_for_daemon_json(
+        name="Restart docker for the new daemon.json", path=docker.DAEMON_JSON,
+        _if=daemon.did_change,
     )
     docker.default_runtime(name="docker info: default runtime is nvidia", runtime="nvidia")
 
-    files.directory(name=f"Model store {spec.models_dir}", path=spec.models_dir,
-                    user="root", group="root", mode="755")
-    files.directory(name=f"vLLM compile cache {spec.compile_cache_dir}",
-                    path=spec.compile_cache_dir, user="root", group="root", mode="755")
+    # created when missing, never re-permissioned (files.directory would chmod an existing one)
+    hostfiles.directory_created(name=f"Model store {spec.models_dir}", path=spec.models_dir)
+    hostfiles.directory_created(name=f"vLLM compile cache {spec.compile_cache_dir}",
+                                path=spec.compile_cache_dir)
 
     pyinfra_docker.image(name=f"Image {spec.image}", image=spec.image, present=True)
+    # the server gets only its API key; the Hub token is for the weight staging alone
     env_file = vllm.secret_file(
-        name=f"Env file {spec.env_file} (0600, secrets)", path=spec.env_file,
-        content=secrets.env_file_content(),
+        name=f"Env file {spec.env_file} (0600, API key)", path=spec.env_file,
+        content=secrets.server_env(),
     )
-    scripts = resources.files("gpufleet.hostscripts")
-    hostfiles.installed(
-        name="gpufleet host scripts (verify endpoint, stage weights)",
-        files={VERIFY_SCRIPT: scripts.joinpath("verify_endpoint.py").read_bytes(),
-               models.STAGE_SCRIPT: scripts.joinpath("stage_weights.py").read_bytes()},
+    token_file = secrets.hub_token_file()
+    vllm.secret_file(
+        name=(f"Hub token file {spec.hf_token_file} (0600)" if token_file is not None
+              else f"No Hub token file {spec.hf_token_file} (no HF_TOKEN)"),
+        path=spec.hf_token_file, content=token_file, present=token_file is not None,
     )
     if shape is not None:
         # before the unit changes: the running server keeps serving while bytes travel
         models.weights_staged(
             name=f"Weights {shape.model}@{shape.commit[:12]} staged in {spec.models_dir}",
             model=shape.model, commit=shape.commit, files=list(shape.files),
-            endpoint=hub_endpoint or hub.hub_endpoint(), env_file=spec.env_file,
+            endpoint=hub_endpoint or hub.hub_endpoint(), token_file=spec.hf_token_file,
             models_dir=spec.models_dir, revision=spec.revision,
         )
     unit = files.put(
@@ -172,7 +183,7 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     )
     # seam: release record (issue 5): only reached when the health gate passed
     releases.release_recorded(
-        spec=spec, env=secrets.env_file_content(),
+        spec=spec, env=secrets.server_env(),
         unit=render_unit(spec, shape.commit if shape else None, plan),
         revision=shape.commit if shape else None,
         flags=vllm_args(spec, shape.commit if shape else None, plan),
@@ -233,10 +244,26 @@ def host_plan(spec: ServiceSpec, shape: ModelShape) -> planner.Plan | None:
     return plan
 
 
+_RUN = LockHolder(id=uuid.uuid4().hex[:8], command="deploy", who=deployed_by(), pid=os.getpid(),
+                  started=now_iso())
+
+
+def hold_run_lock(spec: ServiceSpec) -> None:
+    """Take the service's run lock on this host before any of its operations is defined, so
+    two runs never interleave on a host (a rollout that holds the lock already goes on)."""
+    if hostlock.is_deferred() or hostlock.held_here(host.name, spec.service) is not None:
+        return
+    holder = dataclasses.replace(_RUN, hosts=len(inventory))
+    hostlock.acquire(ctx_state.get(), ctx_host.get(), spec.service, holder,
+                     wait=hostlock.wait_seconds())
+
+
 def deploy_service_from_file(spec_path: str | Path) -> None:
     """What ``deploys/<service>.py`` calls: validate the spec, check the Hub, plan this host's
     GPUs, then run the deploy. Bad input stops here, before any host changes."""
     spec = load_host_spec(spec_path)
+    lost_hosts.register_current()  # a host lost mid-run is reported with a reason
+    hold_run_lock(spec)
     secrets = load_secrets(spec)
     shape = preflight(spec, secrets)
     vllm_service(spec=spec, secrets=secrets, shape=shape, plan=host_plan(spec, shape),
