@@ -8,29 +8,29 @@ LAB_ENV = /var/tmp/gpufleet-lab/gf/lab.env
 
 .PHONY: venv demo lab-up lab-down lab-status test unit lint bench clean
 
-$(BIN)/gpufleet: pyproject.toml
+$(BIN)/gpufleet: pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -e ./lab
 	touch $@
 
 venv: $(BIN)/gpufleet
 
 demo: venv
-	$(BIN)/gpufleet lab up
+	$(BIN)/gpufleet-lab up
 	set -a && . $(LAB_ENV) && set +a && \
 	  PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pyinfra -y inventories/do.py deploys/llama3.py
-	set -a && . $(LAB_ENV) && set +a && $(BIN)/gpufleet lab ask "Say hello to the fleet."
+	set -a && . $(LAB_ENV) && set +a && $(BIN)/gpufleet-lab ask "Say hello to the fleet."
 	@echo "The lab is still up: 'make lab-down' takes it down."
 
 lab-up: venv
-	$(BIN)/gpufleet lab up
+	$(BIN)/gpufleet-lab up
 
 lab-down: venv
-	$(BIN)/gpufleet lab down
+	$(BIN)/gpufleet-lab down
 
 lab-status: venv
-	$(BIN)/gpufleet lab status
+	$(BIN)/gpufleet-lab status
 
 test: venv
 	$(BIN)/pytest

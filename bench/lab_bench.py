@@ -6,7 +6,7 @@
 For each fleet size N: boot N lab hosts (h100 profile, cached images), run the deploy once (the
 first deploy), then the no-op re-run ``--repeats`` times; report medians. Remote commands per
 host are counted from pyinfra's ``-vv`` output of one extra no-op run (every fact and operation
-command is one SSH exec). Run as root on a machine where ``gpufleet lab up`` works.
+command is one SSH exec). Run as root on a machine where ``gpufleet-lab up`` works.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def remote_commands(output: str) -> dict[str, int]:
 
 
 def bench_size(n: int, repeats: int) -> dict[str, float]:
-    gf = [str(BIN / "gpufleet"), "lab", "--prefix", PREFIX, "--subnet", SUBNET]
+    gf = [str(BIN / "gpufleet-lab"), "--prefix", PREFIX, "--subnet", SUBNET]
     sh(gf + ["down"])
     boot, proc = sh(gf + ["up", "--hosts", str(n), "--profile", "h100"])
     if proc.returncode:

@@ -42,7 +42,7 @@ def run(args: list[str], env: dict[str, str] | None = None) -> tuple[float, str,
 
 
 def lab(*args: str) -> None:
-    subprocess.run([str(BIN / "gpufleet"), "lab", "--prefix", PREFIX, "--subnet", SUBNET, *args],
+    subprocess.run([str(BIN / "gpufleet-lab"), "--prefix", PREFIX, "--subnet", SUBNET, *args],
                    cwd=ROOT, check=True, capture_output=True)
 
 

@@ -7,6 +7,6 @@ The service is described in llama3.yaml next to this file.
 
 from pathlib import Path
 
-from gpufleet.deploys import deploy_service_from_file
+from gpufleet.deploy.service import deploy_service_from_file
 
 deploy_service_from_file(Path(__file__).with_suffix(".yaml"))

@@ -7,7 +7,7 @@ defaults: see ``gpufleet/inventory.py``. pyinfra executes this file and treats e
 module-level list/tuple as a group, so helpers here start with ``_``.
 """
 
-from gpufleet import inventory as _inventory
+from gpufleet.clients import do_inventory as _inventory
 
 try:
     _groups = _inventory.load_do_inventory()

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def lab():
-    from gpufleet.lab import manager
+    from gpufleet_lab import manager
 
     the_lab: Lab = start_lab("ge", "10.215.0", PROFILES)
     try:

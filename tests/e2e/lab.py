@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet.lab import hosts, manager
+from gpufleet_lab import hosts, manager
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -208,7 +208,7 @@ def test_a_server_that_crashes_fails_the_host_with_its_last_log_lines(lab):
 
 
 def test_droplet_rebuild_through_the_api_really_wipes_the_host(lab):
-    from gpufleet.digitalocean import DigitalOceanClient
+    from gpufleet.clients.digitalocean import DigitalOceanClient
 
     name = "llama3-gpu-03"
     lab.ssh(name, "touch /root/marker-before-rebuild")
@@ -220,7 +220,7 @@ def test_droplet_rebuild_through_the_api_really_wipes_the_host(lab):
     # a rebuilt droplet has a new host key: strict checking refuses the old one
     refused = lab.ssh(name, "true", check=False)
     assert refused.returncode != 0 and "REMOTE HOST IDENTIFICATION HAS CHANGED" in refused.stderr
-    from gpufleet.lab import hosts
+    from gpufleet_lab import hosts
 
     key = next(line for line in (lab.host_root(name) / "merged/etc/ssh/ssh_host_ed25519_key.pub")
                .read_text().splitlines())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.lab import hosts as lab_hosts
+from gpufleet_lab import hosts as lab_hosts
 from tests.e2e.lab import BIN, ROOT, Lab, start_lab, strip_ansi
 
 PREFIX, SUBNET = "hc", "10.223.0"
@@ -30,7 +30,7 @@ CONFLICT = ("the following directives are specified both as a flag and in the co
 
 @pytest.fixture(scope="module")
 def hc_lab():
-    from gpufleet.lab import manager
+    from gpufleet_lab import manager
 
     lab: Lab = start_lab(PREFIX, SUBNET, ["h100"])
     try:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from gpufleet.lab import hub_emulator as he
-from gpufleet.lab import tinymodel
+from gpufleet_lab import hub_emulator as he
+from gpufleet_lab import tinymodel
 from tests.e2e.test_deploy import SECRETS  # the same secrets as the deploys before: no changes
 
 MODEL_DIR = "/opt/models/hub/models--meta-llama--Meta-Llama-3-8B-Instruct"
@@ -63,7 +63,7 @@ def test_a_new_revision_is_staged_before_the_restart(lab):
     run = lab.pyinfra("--limit", H100, "--data", "revision=next", extra_env=SECRETS)
     assert run.returncode == 0, run.output[-3000:]
     out = run.output
-    assert out.index("Weights meta-llama/Meta-Llama-3-8B-Instruct@c2d21fb56d34") < \
+    assert out.index(f"Weights meta-llama/Meta-Llama-3-8B-Instruct@{tinymodel.COMMIT_NEXT[:12]}") < \
         out.index("systemd unit gpufleet-llama3.service") < out.index("Restart gpufleet-llama3")
     # only the file that differs between the two commits travelled
     assert 0 < host_bytes(lab, H100) - before < 4096  # generation_config.json, not 4.8 MB

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet import releases, secrets
-from gpufleet.lab import hosts as lab_hosts
+from gpufleet.model import release as releases
+from gpufleet.model import secrets
+from gpufleet_lab import hosts as lab_hosts
 from tests.e2e.lab import BIN, ROOT, Lab, Run, start_lab
 
 PREFIX, SUBNET = "gr", "10.218.0"
@@ -30,7 +31,7 @@ NEVER_HEALTHY = ['container_env={"VLLM_STANDIN_FAIL":"never-healthy"}', "cold_st
 
 @pytest.fixture(scope="session")
 def rollout_lab():
-    from gpufleet.lab import manager
+    from gpufleet_lab import manager
 
     lab: Lab = start_lab(PREFIX, SUBNET, ["h100"] * 4)
     try:

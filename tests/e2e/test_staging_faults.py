@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from gpufleet.lab import manager
+from gpufleet_lab import manager
 from tests.e2e.lab import BIN, ROOT, Lab, start_lab
 
 PREFIX, SUBNET = "hb", "10.222.0"

@@ -1,25 +1,3 @@
 """Fixtures shared by the unit tests."""
 
-from __future__ import annotations
-
-from collections.abc import Callable, Iterator
-from typing import Any
-
-import pytest
-
-from gpufleet.lab.hub_emulator import HubServer, make_hub_server
-
-
-@pytest.fixture
-def hub_servers() -> Iterator[Callable[..., HubServer]]:
-    servers: list[HubServer] = []
-
-    def start(**options: Any) -> HubServer:
-        server = make_hub_server("127.0.0.1", 0, **options)
-        server.start_background()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
+from gpufleet_lab.testing import hub_servers  # noqa: F401 (a fixture)

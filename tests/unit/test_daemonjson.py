@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gpufleet import daemonjson
+from gpufleet.model import daemon_json as daemonjson
 
 
 def test_merge_keeps_other_keys_and_order():

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet.digitalocean import (
+from gpufleet.clients.digitalocean import (
     DigitalOceanClient,
     DigitalOceanError,
     Droplet,
@@ -19,7 +19,7 @@ from gpufleet.digitalocean import (
     retry_after_seconds,
     union_tagged,
 )
-from gpufleet.lab.do_emulator import EmulatorServer, Hooks, base_url, droplet_json, make_server
+from gpufleet_lab.do_emulator import EmulatorServer, Hooks, base_url, droplet_json, make_server
 
 TOKEN = "dop_v1_client-test-secret-0123456789"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "gpufleet/hostscripts/docker_restart.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "src/gpufleet/hostscripts/docker_restart.py"
 spec = importlib.util.spec_from_file_location("docker_restart", SCRIPT)
 docker_restart = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(docker_restart)  # type: ignore[union-attr]

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet import hostlock, releases
-from gpufleet.facts.releases import ReleaseState, parse_state
+from gpufleet.facts.release_records import ReleaseState, parse_state
+from gpufleet.fleet import run_lock as hostlock
+from gpufleet.model import release as releases
 
 
 def holder(run_id: str, who: str = "alice@ctl") -> releases.LockHolder:

@@ -1,4 +1,4 @@
-"""gpufleet.hub against the lab's Hub emulator (real huggingface_hub client, 127.0.0.1 only):
+"""gpufleet.clients.hub against the lab's Hub emulator (real huggingface_hub client, 127.0.0.1 only):
 revision resolution, the access check's messages, the model shape of the tiny model, the cache."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from pyinfra.api.exceptions import PyinfraError
 
-from gpufleet import hub
-from gpufleet.hub import (
+from gpufleet.clients import hub
+from gpufleet.clients.hub import (
     HubAccessError,
     HubModelError,
     check_access,
@@ -26,11 +26,11 @@ from gpufleet.hub import (
     shape_from_config,
     staged_files,
 )
-from gpufleet.lab import hub_emulator as he
-from gpufleet.lab import tinymodel
-from gpufleet.lab.hub_emulator import HubServer, base_url
-from gpufleet.modelshape import ModelShape
-from gpufleet.secrets import Secret
+from gpufleet.model.model_shape import ModelShape
+from gpufleet.model.secrets import Secret
+from gpufleet_lab import hub_emulator as he
+from gpufleet_lab import tinymodel
+from gpufleet_lab.hub_emulator import HubServer, base_url
 
 PUBLIC, GATED = he.REPO_PUBLIC, he.REPO_GATED
 MAIN, NEXT = tinymodel.COMMIT_MAIN, tinymodel.COMMIT_NEXT
@@ -69,7 +69,7 @@ def offline_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     yield home
     set_client_factory(default_client_factory)
     assert not (home / "token").exists() and not (home / "stored_tokens").exists()
-    assert not (home / "hub").exists()  # gpufleet.hub never uses the user's HF cache
+    assert not (home / "hub").exists()  # gpufleet.clients.hub never uses the user's HF cache
 
 
 @pytest.fixture

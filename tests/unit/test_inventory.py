@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from pyinfra.api.exceptions import PyinfraError
 
-from gpufleet.digitalocean import Droplet
-from gpufleet.inventory import (
+from gpufleet.clients.digitalocean import Droplet
+from gpufleet.clients.do_inventory import (
     DEFAULT_KNOWN_HOSTS,
     InventoryError,
     InventorySettings,
@@ -27,7 +27,7 @@ from gpufleet.inventory import (
     load_do_inventory,
     settings_from_env,
 )
-from gpufleet.lab.do_emulator import EmulatorServer, base_url, droplet_json, make_server
+from gpufleet_lab.do_emulator import EmulatorServer, base_url, droplet_json, make_server
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
@@ -303,7 +303,7 @@ def test_load_unreachable(tmp_path: Path) -> None:
     env = env_for(
         None, tmp_path, DIGITALOCEAN_TOKEN=TOKEN, DIGITALOCEAN_API_URL=f"http://127.0.0.1:{port}"
     )
-    from gpufleet.digitalocean import DigitalOceanClient
+    from gpufleet.clients.digitalocean import DigitalOceanClient
 
     def no_wait(token: str, url: str) -> DigitalOceanClient:
         return DigitalOceanClient(token, url, sleep=lambda s: None)

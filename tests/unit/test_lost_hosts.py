@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from pyinfra.api import State
 
-from gpufleet import lost_hosts
+from gpufleet.fleet import lost_hosts
 
 OP = "op-hash-1"
 
@@ -144,7 +144,7 @@ def test_registered_once_per_state():
 
 
 def test_in_a_rollout_the_driver_watches_not_the_reporter():
-    from gpufleet import rollout
+    from gpufleet.fleet import rollout
 
     state = State.__new__(State)
     state.callback_handlers = [rollout._Live(rollout.Silent(), "deploying")]

@@ -1,6 +1,6 @@
 """The planner, with numbers checked by hand (the arithmetic is in the comments).
 
-Units: MiB = 1,048,576 bytes, GiB = 1,073,741,824 bytes. Constants from gpufleet.plan:
+Units: MiB = 1,048,576 bytes, GiB = 1,073,741,824 bytes. Constants from gpufleet.planner.plan:
 block 16 tokens; activation + non-torch reserve 1280 MiB at vLLM's 2048 batched tokens and
 2048 MiB at 8192, x hidden_size/4096 when wider, + 512 MiB when tp > 1; outside the budget
 576 MiB CUDA context (+256 when tp > 1) + 16 MiB x layers of CUDA graphs.
@@ -27,9 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
-from gpufleet import gpu_catalog
-from gpufleet.gpu_catalog import Gpu, gpus_from_fact
-from gpufleet.plan import (
+from gpufleet.model import gpus as gpu_catalog
+from gpufleet.model.gpus import Gpu, gpus_from_fact
+from gpufleet.model.spec import build_spec
+from gpufleet.planner.plan import (
     FITS,
     FRAGILE,
     KNOWN_SHAPES,
@@ -43,7 +44,6 @@ from gpufleet.plan import (
     plan_for_spec,
     render_table,
 )
-from gpufleet.spec import build_spec
 
 L8 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B-Instruct"]
 L70 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B-Instruct"]

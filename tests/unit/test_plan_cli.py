@@ -1,7 +1,7 @@
 """``gpufleet plan``: tables, JSON, GPUs from the catalogue, from facts and from nvidia-smi.
 
 No test talks to the Hugging Face Hub: the shape comes from ``--model-shape``, ``--offline``
-(the built-in shapes) or a stand-in ``gpufleet.hub`` module put in ``sys.modules``.
+(the built-in shapes) or a stand-in ``gpufleet.clients.hub`` module put in ``sys.modules``.
 The expected numbers are derived in tests/unit/test_plan.py.
 """
 
@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 import gpufleet
-from gpufleet import plan_cli
-from gpufleet.plan import KNOWN_SHAPES
+from gpufleet.cli import plan as plan_cli
+from gpufleet.planner.plan import KNOWN_SHAPES
 
 ROOT = Path(__file__).resolve().parents[2]
 H100_FIXTURE = ROOT / "tests" / "facts" / "nvidia.NvidiaGpus" / "h100_recorded.yaml"
@@ -207,9 +207,9 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, result: Any) -> list[dict[str, Any
             raise result
         return result
 
-    module = types.ModuleType("gpufleet.hub")
+    module = types.ModuleType("gpufleet.clients.hub")
     module.model_shape = model_shape  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gpufleet.hub", module)
+    monkeypatch.setitem(sys.modules, "gpufleet.clients.hub", module)
     monkeypatch.setattr(gpufleet, "hub", module, raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_TOKEN", "hf_test")

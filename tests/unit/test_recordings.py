@@ -7,7 +7,7 @@ import yaml
 from gpufleet.facts.nvidia import GPU_QUERY_FIELDS, parse_gpu_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-REC = ROOT / "gpufleet" / "lab" / "recordings" / "h100-80gb-hbm3"
+REC = ROOT / "lab" / "src" / "gpufleet_lab" / "recordings" / "h100-80gb-hbm3"
 
 
 def recorded_row() -> str:
@@ -31,7 +31,7 @@ def test_recorded_row_parses():
 
 
 def test_driver_not_loaded_message_is_the_real_one():
-    text = (ROOT / "gpufleet/lab/recordings/h100-80gb-hbm3/edge-cases.txt").read_text()
+    text = (REC / "edge-cases.txt").read_text()
     assert "rc=" in text  # the edge cases carry real exit codes
     fixture = yaml.safe_load((ROOT / "tests/facts/nvidia.NvidiaGpus/driver_not_loaded.yaml")
                              .read_text())

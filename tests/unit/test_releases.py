@@ -11,12 +11,12 @@ from pyinfra.api import StringCommand
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState, create_host
 
-from gpufleet import releases
-from gpufleet.facts.releases import ReleaseState, parse_state
-from gpufleet.operations import releases as release_ops
-from gpufleet.rollout import rollback_target
-from gpufleet.secrets import Secret
-from gpufleet.spec import build_spec
+from gpufleet.facts.release_records import ReleaseState, parse_state
+from gpufleet.fleet.rollout import rollback_target
+from gpufleet.model import release as releases
+from gpufleet.model.secrets import Secret
+from gpufleet.model.spec import build_spec
+from gpufleet.operations import release_records as release_ops
 
 BASE = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
         "image": "vllm/vllm-openai:v0.11.0", "quantization": "fp8"}
@@ -113,7 +113,7 @@ def _op(op, facts, *args, **kwargs):
 def _facts(**state):
     full = {"current": None, "previous": None, "releases": {}, "locked": False, "lock": None,
             "unit_sha256": None, **state}
-    return {"releases.ReleaseState": {"service=llama3": full}}
+    return {"release_records.ReleaseState": {"service=llama3": full}}
 
 
 def test_recorded_is_a_noop_reading_one_fact_when_current():
@@ -170,7 +170,7 @@ def _state(service: str = "llama3") -> dict:
 def _record(unit: str) -> releases.Release:
     r = _release(unit=unit)
     Path(releases.unit_path("llama3")).write_text(unit)  # the deploy wrote it before the gate
-    _, cmds = _op(release_ops.recorded, {"releases.ReleaseState": {"service=llama3": _state()}},
+    _, cmds = _op(release_ops.recorded, {"release_records.ReleaseState": {"service=llama3": _state()}},
                   service="llama3", release_id=r.id, record=r.record(), unit=unit)
     for c in cmds:
         assert _sh(c).returncode == 0
@@ -187,12 +187,12 @@ def test_record_switch_keep_previous_and_prune(root):
     st = _state()
     assert (st["current"], st["previous"]) == (second.id, first.id)
     # a re-run of the same release changes nothing (no command)
-    _, cmds = _op(release_ops.recorded, {"releases.ReleaseState": {"service=llama3": st}},
+    _, cmds = _op(release_ops.recorded, {"release_records.ReleaseState": {"service=llama3": st}},
                   service="llama3", release_id=second.id, record=second.record(),
                   unit="unit two\n")
     assert cmds == []
     # switch back (a rollback): pointers swap
-    _, cmds = _op(release_ops.activated, {"releases.ReleaseState": {"service=llama3": st}},
+    _, cmds = _op(release_ops.activated, {"release_records.ReleaseState": {"service=llama3": st}},
                   service="llama3", release_id=first.id)
     assert _sh(cmds[0]).returncode == 0
     assert (_state()["current"], _state()["previous"]) == (first.id, second.id)
@@ -213,7 +213,7 @@ def test_unit_restored_puts_the_recorded_unit_back(root):
     assert rollback_target(st) == first.id  # the unit in place is current's: go to previous
     cmd = release_ops.unit_restored._inner  # run without chown (not root in every test env)
     state = FakeState()
-    host = create_host(state, facts={"releases.ReleaseState": {"service=llama3": st}})
+    host = create_host(state, facts={"release_records.ReleaseState": {"service=llama3": st}})
     with ctx_state.use(state), ctx_host.use(host):
         (command,) = list(cmd(service="llama3", release_id=first.id))
     text = command.get_raw_value().replace("-o root -g root ", "")
@@ -233,7 +233,7 @@ def test_rollback_target_prefers_current_when_a_deploy_did_not_finish():
 def test_a_release_is_not_recorded_when_the_unit_in_place_is_not_the_one_started(root):
     r = _release(unit="unit one\n")
     Path(releases.unit_path("llama3")).write_text("unit written by another run\n")
-    _, cmds = _op(release_ops.recorded, {"releases.ReleaseState": {"service=llama3": _state()}},
+    _, cmds = _op(release_ops.recorded, {"release_records.ReleaseState": {"service=llama3": _state()}},
                   service="llama3", release_id=r.id, record=r.record(), unit="unit one\n")
     out = _sh(cmds[0])
     assert out.returncode == 1 and "is not the unit this run wrote" in out.stderr

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from pyinfra.api import Inventory
 
-from gpufleet import hostlock, releases, rollout
-from gpufleet.spec import build_spec
+from gpufleet.fleet import rollout
+from gpufleet.fleet import run_lock as hostlock
+from gpufleet.model import release as releases
+from gpufleet.model.spec import build_spec
 
 # -- planning ------------------------------------------------------------------------------------
 
@@ -82,9 +84,9 @@ SPEC = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
 DEPLOY = """
 from pyinfra import host
 from pyinfra.operations import server
-from gpufleet.operations import releases
-from gpufleet.secrets import Secret
-from gpufleet.spec import build_spec
+from gpufleet.operations import release_records as releases
+from gpufleet.model.secrets import Secret
+from gpufleet.model.spec import build_spec
 
 spec = build_spec({spec!r}, overrides={{"quantization": host.data.get("quantization", "fp8")}})
 server.shell(name="Restart the service", commands=["systemctl restart gpufleet-llama3"])
@@ -307,8 +309,8 @@ def test_plan_only_changes_nothing_and_data_other_than_spec_keys_is_masked(deplo
 def test_cli_parses_the_rollout_options_and_prints_the_table():
     import io
 
-    from gpufleet import rollout_cli
-    from gpufleet.cli import build_parser
+    from gpufleet.cli import fleet as rollout_cli
+    from gpufleet.cli.main import build_parser
 
     args = build_parser().parse_args([
         "rollout", "inventories/do.py", "deploys/llama3.py", "--canary", "2", "--batch", "50%",

@@ -5,9 +5,9 @@ import stat
 
 import pytest
 
-from gpufleet import secrets
-from gpufleet.deploys import load_secrets
-from gpufleet.spec import build_spec
+from gpufleet.deploy.service import load_secrets
+from gpufleet.model import secrets
+from gpufleet.model.spec import build_spec
 
 SPEC = build_spec({"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
                    "image": "vllm/vllm-openai:v0.11.0"})
@@ -63,7 +63,7 @@ def test_the_token_file_is_next_to_the_env_file():
 
 
 def test_hf_token_is_optional_the_hub_check_decides(tmp_path):
-    # a public model needs no token; a gated one fails in the Hub pre-flight (gpufleet.hub)
+    # a public model needs no token; a gated one fails in the Hub pre-flight (gpufleet.clients.hub)
     got = load_secrets(SPEC, {"GPUFLEET_STATE_DIR": str(tmp_path)})
     assert got.hf_token is None
     got = load_secrets(SPEC, {"GPUFLEET_STATE_DIR": str(tmp_path), "HF_TOKEN": "hf_x"})

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.spec import SpecError, build_spec, load_spec
+from gpufleet.model.spec import SpecError, build_spec, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
@@ -193,8 +193,8 @@ def test_extra_args_vllm_would_take_pass(args):
 def test_extra_args_kinds_match_the_lab_parser():
     """Each flag's kind (switch or value) agrees with the lab's vLLM v0.11 parser, and a switch
     followed by a word fails there as it does here."""
-    from gpufleet import vllm_flags
-    from gpufleet.lab import vllm_standin
+    from gpufleet.model import vllm_flags
+    from gpufleet_lab import vllm_standin
 
     for flag, kind in vllm_flags.FLAG_KINDS.items():
         if kind in (vllm_flags.SWITCH, vllm_flags.STORE_TRUE):
@@ -290,8 +290,8 @@ def test_an_alias_bomb_and_a_huge_file_are_refused_at_once(tmp_path):
 
 def test_unknown_data_keys_are_refused_unless_pyinfras_own():
     """Finding 7: --data keys unlike any spec key were accepted silently."""
-    from gpufleet.deploys import _check_override_keys
-    from gpufleet.spec import check_data_keys
+    from gpufleet.deploy.service import _check_override_keys
+    from gpufleet.model.spec import check_data_keys
 
     fine = ["quantization", "ssh_user", "ssh_port", "_sudo", "docker_identifier",
             "docker_package", "docker_cgroup_driver", "fake_delay", "gpufleet_release",
@@ -308,7 +308,7 @@ def test_unknown_data_keys_are_refused_unless_pyinfras_own():
 
 
 def test_gpufleet_check_refuses_what_the_deploy_refuses(capsys):
-    from gpufleet import cli
+    from gpufleet.cli import main as cli
 
     spec = str(ROOT / "deploys" / "llama3.yaml")
     for data, needle in (

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet import hub
-from gpufleet.facts.models import marker_path
-from gpufleet.lab import hub_emulator as he
-from gpufleet.lab import tinymodel
+from gpufleet.clients import hub
+from gpufleet.facts.weights import marker_path
+from gpufleet_lab import hub_emulator as he
+from gpufleet_lab import tinymodel
 
-SCRIPT = Path(__file__).resolve().parents[2] / "gpufleet/hostscripts/stage_weights.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "src/gpufleet/hostscripts/stage_weights.py"
 spec = importlib.util.spec_from_file_location("stage_weights", SCRIPT)
 stage_weights = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(stage_weights)  # type: ignore[union-attr]

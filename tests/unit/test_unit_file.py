@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from gpufleet.deploys import render_unit
-from gpufleet.render import systemd_comment, systemd_quote, systemd_text, template_path
-from gpufleet.spec import build_spec
+from gpufleet.deploy.service import render_unit
+from gpufleet.deploy.unit_file import systemd_comment, systemd_quote, systemd_text, template_path
+from gpufleet.model.spec import build_spec
 from tests.unit.test_hostile_inputs import settings, systemd_split
 
 SPEC = build_spec({"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",

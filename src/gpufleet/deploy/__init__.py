@@ -1,0 +1,1 @@
+"""The @deploy composition a deploy file calls: spec, pre-flight, plan, operations."""

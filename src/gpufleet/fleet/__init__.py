@@ -1,0 +1,1 @@
+"""Fleet runs: the run lock, rollouts and rollbacks, lost hosts."""

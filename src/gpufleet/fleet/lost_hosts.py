@@ -1,0 +1,226 @@
+"""Say why a host dropped out of a deploy: which operation, since when, what the connection said.
+
+pyinfra reports a host whose connection died as ``Error: executed 0 commands`` (and a host that
+was powered off mid-command is not reported at all: the command waits on a TCP connection
+nobody answers any more). :func:`register` adds, once per pyinfra ``State``, a callback handler
+that
+
+* watches the SSH port of every host while operations run (a gevent greenlet, like the rollout
+  driver's watchdog): after ``misses`` probes in a row without an answer the host is lost, the
+  line below says so at once and its SSH transport is closed, so that the running command
+  fails instead of hanging the whole run;
+* on an operation error, when the host's SSH port does not answer (or the watchdog lost it),
+  logs one line: ``<host>: lost at operation '<op>' after 12.3 s: <the SSH error>; the host
+  did not answer on port 22 since 10:42:07``. An operation that fails on a host that still
+  answers is left to its own message.
+
+The rollout driver has its own watchdog and reasons (``gpufleet.fleet.rollout``): in a rollout's
+``State`` this handler only adds the reason lines, it does not watch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import weakref
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pyinfra import logger
+from pyinfra.api import BaseStateCallback, State
+from pyinfra.api.host import Host
+from pyinfra.api.state import StateStage
+from pyinfra.context import ctx_host, ctx_state
+
+from gpufleet.fleet.rollout import _address, _close, tcp_probe
+
+PROBE_INTERVAL = 2.0
+PROBE_MISSES = 3
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CONNECTION_ERRORS = ("Command socket/SSH error: ", "Command timed out", "Command IO error: ")
+
+Probe = Callable[[tuple[str, int] | None], bool]
+
+
+def _clock() -> str:
+    return datetime.now().strftime("%H:%M:%S")
+
+
+def op_name(state: State, op_hash: str) -> str:
+    names = sorted(state.get_op_meta(op_hash).names)
+    return names[0].split(" | ")[-1] if names else "?"
+
+
+class _ConnectionErrors(logging.Handler):
+    """pyinfra logs a command's socket/SSH error (the exception itself reaches no callback):
+    keep the last one per host, taken from the greenlet's current host."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: dict[str, str] = {}  # host name -> the error
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = _ANSI.sub("", record.getMessage())
+        except Exception:  # noqa: BLE001 - a log record we cannot read is not ours
+            return
+        for marker in _CONNECTION_ERRORS:
+            if marker in text and ctx_host.isset():
+                error = text.split(marker, 1)[1].strip() or marker.strip()
+                self.last[ctx_host.get().name] = error
+                return
+
+
+_ERRORS = _ConnectionErrors()
+
+
+class LostHostReporter(BaseStateCallback):
+    """Callback handler: the reason line for a host lost during the run (see the module)."""
+
+    def __init__(self, probe: Probe = tcp_probe, interval: float = PROBE_INTERVAL,
+                 misses: int = PROBE_MISSES, watch: bool = True) -> None:
+        self.probe, self.interval, self.misses, self.watch = probe, interval, misses, watch
+        self.current: dict[str, tuple[str, float]] = {}  # host -> (op name, started)
+        self.missed: dict[str, int] = {}
+        self.since: dict[str, str] = {}  # host -> wall clock of the first missed probe
+        self.lost: set[str] = set()  # the watchdog gave up on these
+        self.reported: set[str] = set()
+        self._watchdog: Any = None
+
+    # -- pyinfra callbacks (pyinfra calls them as fn(state, ...): instance methods here) ----
+
+    def operation_start(  # type: ignore[override]
+        self, state: State, op_hash: str,
+    ) -> None:
+        if self.watch and self._watchdog is None:
+            self._watchdog = _spawn(self._watch_loop, state)
+
+    def operation_host_start(  # type: ignore[override]
+        self, state: State, host: Host, op_hash: str,
+    ) -> None:
+        if op_hash in state.ops[host]:
+            self.current[host.name] = (op_name(state, op_hash), time.monotonic())
+
+    def operation_host_error(  # type: ignore[override]
+        self, state: State, host: Host, op_hash: str, retry_count: int = 0,
+        max_retries: int = 0,
+    ) -> None:
+        if host.name in self.reported:
+            return
+        error = _ERRORS.last.pop(host.name, None)
+        address = _address(host)
+        if host.name not in self.lost and (error is None and not self._transport_dead(host)):
+            return  # an ordinary failure on a host that is there: its own message says why
+        if host.name not in self.lost and self.probe(address):
+            return  # the connection broke but the host answers: not lost
+        self.since.setdefault(host.name, _clock())
+        self.reported.add(host.name)
+        logger.error(self.reason(host, op_name(state, op_hash), error))
+
+    # -- the reason -------------------------------------------------------------------------
+
+    def reason(self, host: Host, op: str, error: str | None = None) -> str:
+        """``<host>: lost at operation '<op>' after N s: <error>; the host did not answer on
+        port P since HH:MM:SS``."""
+        _, started = self.current.get(host.name, (op, time.monotonic()))
+        address = _address(host)
+        port = address[1] if address else 22
+        if error is None:
+            error = "SSH connection closed"
+        return (f"{host.name}: lost at operation {op!r} after {time.monotonic() - started:.1f} "
+                f"s: {error}; the host did not answer on port {port} since "
+                f"{self.since.get(host.name, _clock())}")
+
+    @staticmethod
+    def _transport_dead(host: Host) -> bool:
+        client = getattr(getattr(host, "connector", None), "client", None)
+        if client is None:
+            return False
+        transport = client.get_transport()
+        return transport is None or not transport.is_active()
+
+    # -- the watchdog -----------------------------------------------------------------------
+
+    def check(self, state: State) -> None:
+        """One round of probes over the hosts still running operations."""
+        watched = [h for h in state.inventory if h in state.active_hosts
+                   and h.name in self.current and h.name not in self.lost]
+        for host, ok in zip(watched, _in_parallel(self.probe, [_address(h) for h in watched]),
+                            strict=True):
+            if ok:
+                self.missed[host.name] = 0
+                self.since.pop(host.name, None)
+                continue
+            self.missed[host.name] = self.missed.get(host.name, 0) + 1
+            self.since.setdefault(host.name, _clock())
+            if self.missed[host.name] >= self.misses:
+                # said now: the running command (or fact) may end the host's run in a way no
+                # callback sees
+                self.lost.add(host.name)
+                self.reported.add(host.name)
+                name, _ = self.current[host.name]
+                logger.error(self.reason(host, name, (
+                    f"unreachable, no answer on its SSH port to {self.missed[host.name]} probes "
+                    "in a row: gpufleet closed its SSH connection so that the run does not "
+                    "hang on it")))
+                _close(host, cut=True)
+
+    def _watch_loop(self, state: State) -> None:
+        import gevent
+
+        while state.current_stage < StateStage.Disconnect:
+            gevent.sleep(self.interval)
+            try:
+                self.check(state)
+            except Exception as e:  # noqa: BLE001 - the watchdog must never end the run
+                logger.debug("gpufleet lost-host watchdog: %s", e)
+
+
+def _spawn(fn: Callable[[State], None], state: State) -> Any:
+    """A greenlet when pyinfra runs under gevent's monkey-patching (the CLI), else nothing:
+    probes would block every host."""
+    try:
+        import gevent
+        from gevent import monkey
+    except ImportError:
+        return None
+    if not monkey.is_module_patched("socket"):
+        return None
+    return gevent.spawn(fn, state)
+
+
+def _in_parallel(probe: Probe, addresses: list[tuple[str, int] | None]) -> list[bool]:
+    if len(addresses) <= 1:
+        return [probe(a) for a in addresses]
+    import gevent
+
+    jobs = [gevent.spawn(probe, a) for a in addresses]
+    gevent.joinall(jobs, timeout=30)
+    return [bool(j.value) if j.successful() else False for j in jobs]
+
+
+_REGISTERED: weakref.WeakKeyDictionary[State, LostHostReporter] = weakref.WeakKeyDictionary()
+
+
+def register(state: State) -> LostHostReporter:
+    """Add the reporter to ``state`` once (every host's deploy calls this); returns it."""
+    if state not in _REGISTERED:
+        from gpufleet.fleet import rollout
+
+        live = getattr(rollout, "_Live", None)  # the rollout driver watches its hosts itself
+        in_rollout = live is not None and any(isinstance(h, live) for h in state.callback_handlers)
+        reporter = LostHostReporter(watch=not in_rollout)
+        state.add_callback_handler(reporter)
+        _REGISTERED[state] = reporter
+        pyinfra_logger = logging.getLogger("pyinfra")
+        if _ERRORS not in pyinfra_logger.handlers:
+            pyinfra_logger.addHandler(_ERRORS)
+    return _REGISTERED[state]
+
+
+def register_current() -> LostHostReporter | None:
+    """:func:`register` on the pyinfra ``State`` of the running deploy (None outside one)."""
+    state = ctx_state.get()
+    return register(state) if isinstance(state, State) else None

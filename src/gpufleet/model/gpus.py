@@ -1,0 +1,147 @@
+"""DigitalOcean GPU droplet sizes and the GPUs in them, for planning without a host.
+
+Memory is what ``nvidia-smi --query-gpu=memory.total`` reports (MiB), so a named GPU plans
+exactly like the same GPU read from a host's ``NvidiaGpus`` fact. ``reserved_mib`` is
+``nvidia-smi``'s ``memory.reserved``: memory the driver keeps, which CUDA (and so vLLM's
+``gpu_memory_utilization``) never sees. Where it was not measured it is ``None`` and the planner
+uses its documented estimate (``gpufleet.planner.plan.DEFAULT_DRIVER_RESERVED_MIB``).
+
+Sources (see ``../shared/research/anchors.md`` section 4):
+
+- ``gpu-h100x1-80gb`` and ``gpu-h100x8-640gb`` are in DigitalOcean's own OpenAPI spec.
+- The H200, L40S, RTX 4000 Ada and RTX 6000 Ada slugs were seen only in third-party code
+  (SkyPilot, dstack, gpuhunt): ``official=False``. Check ``GET /v2/sizes`` before relying on them.
+- H100 memory and reserve: the recorded DO droplet (``../shared/recordings/h100-80gb-hbm3``:
+  total 81559 MiB, reserved 480 MiB). RTX 4000 Ada 20475 MiB: the blog in ``../shared/seeds``.
+  H200 143771 MiB and L40S 46068 MiB: ``nvidia-smi`` output quoted in public reports; their
+  reserves (606 and 582 MiB) are derived from vLLM start-up logs that print the CUDA-visible
+  total (139.81 and 44.42 GiB). RTX 6000 Ada 49140 MiB: public ``nvidia-smi`` output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """``count`` identical GPUs of one host."""
+
+    name: str                       # as nvidia-smi prints it, e.g. "NVIDIA H100 80GB HBM3"
+    memory_mib: int                 # nvidia-smi memory.total
+    compute_capability: str         # nvidia-smi compute_cap, e.g. "9.0"
+    count: int = 1
+    reserved_mib: int | None = None  # nvidia-smi memory.reserved; None: not measured
+
+    @property
+    def cc(self) -> tuple[int, int]:
+        major, _, minor = self.compute_capability.strip().partition(".")
+        return int(major), int(minor or 0)
+
+
+@dataclass(frozen=True)
+class DropletSize:
+    slug: str
+    gpu: Gpu
+    official: bool                  # True: in DigitalOcean's OpenAPI spec; False: third-party only
+    aliases: tuple[str, ...] = ()
+
+
+H100 = Gpu("NVIDIA H100 80GB HBM3", 81559, "9.0", reserved_mib=480)
+H200 = Gpu("NVIDIA H200", 143771, "9.0", reserved_mib=606)
+L40S = Gpu("NVIDIA L40S", 46068, "8.9", reserved_mib=582)
+RTX_4000_ADA = Gpu("NVIDIA RTX 4000 Ada Generation", 20475, "8.9")
+RTX_6000_ADA = Gpu("NVIDIA RTX 6000 Ada Generation", 49140, "8.9")
+
+SIZES: tuple[DropletSize, ...] = (
+    DropletSize("gpu-h100x1-80gb", H100, True, ("h100", "h100x1")),
+    DropletSize("gpu-h100x8-640gb", replace(H100, count=8), True, ("h100x8",)),
+    DropletSize("gpu-h200x1-141gb", H200, False, ("h200", "h200x1")),
+    DropletSize("gpu-h200x8-1128gb", replace(H200, count=8), False, ("h200x8",)),
+    DropletSize("gpu-l40sx1-48gb", L40S, False, ("l40s", "l40sx1")),
+    DropletSize("gpu-4000adax1-20gb", RTX_4000_ADA, False,
+                ("rtx4000ada", "rtx4000", "4000ada", "rtx4000adax1")),
+    DropletSize("gpu-6000adax1-48gb", RTX_6000_ADA, False,
+                ("rtx6000ada", "rtx6000", "6000ada", "rtx6000adax1")),
+)
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+_BY_KEY: dict[str, DropletSize] = {}
+for _size in SIZES:
+    for _name in (_size.slug, *_size.aliases):
+        _BY_KEY[_key(_name)] = _size
+
+
+def names() -> list[str]:
+    """Every accepted name: slugs and aliases."""
+    return [n for s in SIZES for n in (*s.aliases, s.slug)]
+
+
+def lookup(name: str) -> DropletSize:
+    """The droplet size for a slug or alias, case-insensitively (``H100x8``, ``rtx-4000-ada``)."""
+    size = _BY_KEY.get(_key(name))
+    if size is None:
+        raise KeyError(f"unknown GPU {name!r}; known: {', '.join(names())}")
+    return size
+
+
+def gpus(name: str) -> list[Gpu]:
+    return [lookup(name).gpu]
+
+
+def reserved_mib_for(gpu_name: str) -> int | None:
+    """The measured driver reserve of a GPU model, by its nvidia-smi name; None if unknown."""
+    for size in SIZES:
+        if _key(size.gpu.name) == _key(gpu_name):
+            return size.gpu.reserved_mib
+    return None
+
+
+def gpu_from_dict(data: Mapping[str, Any]) -> Gpu:
+    """One GPU from a fact row (``index, uuid, name, memory_mib, driver_version,
+    compute_capability``) or a dict with ``count``/``memory_reserved_mib``."""
+    try:
+        name = str(data["name"])
+        memory = int(data["memory_mib"])
+        cc = str(data["compute_capability"])
+    except KeyError as e:
+        raise ValueError(f"a GPU needs name, memory_mib and compute_capability; missing {e}") from e
+    reserved = data.get("memory_reserved_mib", data.get("reserved_mib"))
+    return Gpu(name=name, memory_mib=memory, compute_capability=cc,
+               count=int(data.get("count", 1)),
+               reserved_mib=int(reserved) if reserved is not None else reserved_mib_for(name))
+
+
+def group(gpu_list: list[Gpu]) -> list[Gpu]:
+    """Merge identical GPUs into one entry with a count, keeping first-seen order."""
+    out: list[Gpu] = []
+    for gpu in gpu_list:
+        for i, seen in enumerate(out):
+            if replace(seen, count=1) == replace(gpu, count=1):
+                out[i] = replace(seen, count=seen.count + gpu.count)
+                break
+        else:
+            out.append(gpu)
+    return out
+
+
+def gpus_from_fact(fact: Mapping[str, Any]) -> list[Gpu]:
+    """The GPUs of a host from its ``gpufleet.facts.nvidia.NvidiaGpus`` fact, grouped.
+
+    Raises ValueError, saying why, for a host without a working driver or without GPUs."""
+    if not fact.get("installed", True):
+        raise ValueError("no NVIDIA driver: nvidia-smi is not installed")
+    if fact.get("exit_code", 0) not in (0, None):
+        raise ValueError(f"nvidia-smi failed with exit code {fact.get('exit_code')}: "
+                         f"{fact.get('error') or 'no output'}")
+    rows = fact.get("gpus") or []
+    if not rows:
+        raise ValueError(f"nvidia-smi lists no GPU{': ' + fact['error'] if fact.get('error') else ''}")
+    return group([gpu_from_dict(row) for row in rows])

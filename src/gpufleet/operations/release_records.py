@@ -1,0 +1,163 @@
+"""Record releases on the host, switch between them, and the rollout lock and audit log.
+
+A release becomes ``current`` only through :func:`recorded`, which the deploy runs after the
+health gate passed; the one it replaces becomes ``previous``. Records are written with one
+command, and a re-run of the same release reads one fact and changes nothing.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+from pyinfra import host
+from pyinfra.api import StringCommand, operation
+
+from gpufleet.facts.release_records import ReleaseState
+from gpufleet.model import release as releases
+from gpufleet.model.secrets import Secret
+from gpufleet.model.spec import ServiceSpec
+from gpufleet.operations.util import fail_host
+
+q = shlex.quote
+
+
+def _activate_script(service: str, release_id: str) -> str:
+    """Shell: point ``current`` at the release, the old ``current`` becomes ``previous``
+    (atomic symlink swaps); then prune records beyond KEEP_RELEASES, never current/previous."""
+    d, target = q(releases.service_dir(service)), q(f"releases/{release_id}")
+    keep = releases.KEEP_RELEASES + 1
+    return (
+        f'd={d}; cur=$(readlink "$d/current" 2>/dev/null || true); '
+        f'if [ "$cur" != {target} ]; then '
+        'if [ -n "$cur" ]; then ln -sfn "$cur" "$d/previous.new" && '
+        'mv -Tf "$d/previous.new" "$d/previous"; fi; '
+        f'ln -sfn {target} "$d/current.new" && mv -Tf "$d/current.new" "$d/current"; fi; '
+        'cd "$d/releases" && '
+        f'ls -1t | tail -n +{keep} | while read -r x; do '
+        'case "releases/$x" in "$(readlink ../current)"|"$(readlink ../previous)") ;; '
+        '*) rm -rf -- "$x" ;; esac; done'
+    )
+
+
+DATA_KEY = "gpufleet_release"  # host data: the Release this run's deploy records on the host
+
+
+def release_recorded(spec: ServiceSpec, unit: str, env: Secret, revision: str | None = None,
+                     flags: Sequence[str] | None = None, name: str | None = None):
+    """What the deploy calls after its health gate: compute the release of this deploy (on the
+    controller, when the deploy is defined), note it in ``host.data.gpufleet_release`` for the
+    rollout driver, and add the :func:`recorded` operation.
+
+    + spec: the service spec the deploy used
+    + unit: the rendered systemd unit the deploy wrote
+    + env: the env file content (a ``Secret``): only its SHA-256 is kept
+    + revision: the model revision the unit pins (the resolved commit; default: the spec's)
+    + flags: the ``vllm serve`` arguments in the unit (default: the spec's)
+    """
+    release = releases.release_for(spec, unit, releases.sha256_text(env.reveal()),
+                                   revision=revision, flags=flags)
+    setattr(host.data, DATA_KEY, release)
+    return recorded(
+        name=name or f"Release {release.id} recorded in {releases.service_dir(spec.service)}",
+        service=spec.service, release_id=release.id, record=release.record(), unit=unit,
+    )
+
+
+@operation()
+def recorded(service: str, release_id: str, record: dict, unit: str):
+    """
+    Record a release on the host and make it ``current`` (the old one becomes ``previous``).
+    Run it after the health gate, so a release that never became healthy is never ``current``.
+    A no-op, reading one fact, when the release is current already.
+
+    + service: the service name
+    + release_id: the release's id (``gpufleet.model.release.release_id``)
+    + record: its ``release.json`` (``Release.record()``: no secrets, the env file's SHA-256)
+    + unit: the rendered systemd unit, kept as ``releases/<id>/unit`` for a rollback
+
+    **Example:**
+
+    .. code:: python
+
+        release = releases.release_for(spec, unit, env_sha256)
+        releases.recorded(
+            name="Release recorded", service=spec.service, release_id=release.id,
+            record=release.record(), unit=unit,
+        )
+    """
+    state = host.get_fact(ReleaseState, service=service)
+    if state["current"] == release_id:
+        host.noop(f"release {release_id} is current")
+        return
+    # the record must describe what runs: the unit in place is the one this run rendered
+    # (the run lock keeps other runs out; this catches a unit changed behind gpufleet's back)
+    unit_path = q(releases.unit_path(service))
+    why = q(f"gpufleet: {unit_path} is not the unit this run wrote (release {release_id}): "
+            "it changed during the run; nothing recorded, re-run the deploy")
+    yield StringCommand(
+        f'[ "$(sha256sum < {unit_path} | cut -d" " -f1)" = {q(record["unit_sha256"])} ] || '
+        f"{{ echo {why} >&2; exit 1; }}; "
+        f"set -e; r={q(releases.release_dir(service, release_id))}; mkdir -p \"$r\"; "
+        'if [ ! -f "$r/release.json" ]; then '
+        f'printf %s {q(unit)} > "$r/unit.new" && mv -f "$r/unit.new" "$r/unit"; '
+        f'printf "%s\\n" {q(releases.dumps(record))} > "$r/release.json.new" && '
+        'mv -f "$r/release.json.new" "$r/release.json"; fi; '
+        'touch "$r"; ' + _activate_script(service, release_id)
+    )
+
+
+@operation()
+def activated(service: str, release_id: str):
+    """
+    Make a release that is recorded on the host ``current``; the one it replaces becomes
+    ``previous``. A no-op when it is current already.
+
+    + service: the service name
+    + release_id: a release recorded under ``/var/lib/gpufleet/<service>/releases/``
+    """
+    state = host.get_fact(ReleaseState, service=service)
+    if state["current"] == release_id:
+        host.noop(f"release {release_id} is current")
+        return
+    if release_id not in state["releases"]:
+        yield from fail_host(f"{host.name}: release {release_id} is not recorded here")
+        return
+    yield StringCommand(_activate_script(service, release_id))
+
+
+@operation()
+def unit_restored(service: str, release_id: str):
+    """
+    Put the unit file of a recorded release back in place (a rollback: the env file and its
+    current secrets stay as they are). A no-op when the unit in place is that release's.
+
+    + service: the service name
+    + release_id: a release recorded on the host
+    """
+    state = host.get_fact(ReleaseState, service=service)
+    record = state["releases"].get(release_id)
+    if record is None:
+        kept = ", ".join(sorted(state["releases"])) or "none"
+        yield from fail_host(f"{host.name}: release {release_id} is not recorded here "
+                             f"(kept: {kept})")
+        return
+    if state["unit_sha256"] and state["unit_sha256"] == record.get("unit_sha256"):
+        host.noop(f"the unit in place is release {release_id}'s")
+        return
+    src = q(f"{releases.release_dir(service, release_id)}/unit")
+    yield StringCommand(
+        f"install -m 644 -o root -g root {src} {q(releases.unit_path(service))}"
+    )
+
+
+# -- a command the rollout driver runs directly (not an operation: it must run even when the
+# -- deploy of a batch failed) ------------------------------------------------------------------
+
+
+def audit_command(service: str, audit_line: str) -> StringCommand:
+    """Append one line to the service's audit log (for a host whose lock lease was lost)."""
+    return StringCommand(
+        f"mkdir -p {q(releases.service_dir(service))} && "
+        f"printf '%s\\n' {q(audit_line)} >> {q(releases.audit_log(service))}"
+    )

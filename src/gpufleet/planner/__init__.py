@@ -1,0 +1,1 @@
+"""Will it fit? The VRAM planner: a spec x a host's GPUs -> sizing and verdict."""
