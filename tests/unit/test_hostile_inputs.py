@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.cli.data import parse_value as parse_cli_arg
 from gpufleet.deploy.service import render_unit
-from gpufleet.fleet.rollout import parse_value as parse_cli_arg
 from gpufleet.model.spec import SpecError, build_spec
 
-# rollout.parse_value is pyinfra_cli.util.parse_cli_arg, how the deploy gets --data (test_rollout
+# cli.data.parse_value is pyinfra_cli.util.parse_cli_arg, how the deploy gets --data (test_rollout
 # pins the two together); importing pyinfra_cli here would monkey-patch gevent mid-run
 
 BASE = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",

@@ -14,6 +14,7 @@ import pytest
 
 from gpufleet.facts.release_records import ReleaseState, parse_state
 from gpufleet.fleet import run_lock as hostlock
+from gpufleet.model import names
 from gpufleet.model import release as releases
 
 
@@ -62,7 +63,7 @@ def fact(root: Path) -> dict:
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
-    monkeypatch.setattr(releases, "ROOT", str(tmp_path / "var"))
+    monkeypatch.setattr(names, "STATE_ROOT", str(tmp_path / "var"))
     return tmp_path
 
 

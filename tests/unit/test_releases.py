@@ -13,6 +13,7 @@ from pyinfra_testing.util import FakeState, create_host
 
 from gpufleet.facts.release_records import ReleaseState, parse_state
 from gpufleet.fleet.rollout import rollback_target
+from gpufleet.model import names
 from gpufleet.model import release as releases
 from gpufleet.model.secrets import Secret
 from gpufleet.model.spec import build_spec
@@ -150,8 +151,8 @@ def test_unit_restored_noop_when_the_unit_in_place_is_the_release():
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
-    monkeypatch.setattr(releases, "ROOT", str(tmp_path / "var"))
-    monkeypatch.setattr(releases, "UNIT_DIR", str(tmp_path / "units"))
+    monkeypatch.setattr(names, "STATE_ROOT", str(tmp_path / "var"))
+    monkeypatch.setattr(names, "UNIT_DIR", str(tmp_path / "units"))
     (tmp_path / "units").mkdir()
     return tmp_path
 

@@ -68,15 +68,6 @@ def test_defaults_take_at_most_one_batch_out_of_service(fleet, out):
     assert rollout.max_out_of_service(fleet) == out
 
 
-def test_parse_data_like_pyinfra():
-    data = rollout.parse_data(["quantization=fp16", "cold_start_timeout=20",
-                               'container_env={"VLLM_STANDIN_FAIL":"never-healthy"}', "x=true"])
-    assert data == {"quantization": "fp16", "cold_start_timeout": 20,
-                    "container_env": {"VLLM_STANDIN_FAIL": "never-healthy"}, "x": True}
-    with pytest.raises(rollout.RolloutError):
-        rollout.parse_data(["novalue"])
-
-
 # -- the driver on @fake hosts -------------------------------------------------------------------
 
 SPEC = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",

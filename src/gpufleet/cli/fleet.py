@@ -111,6 +111,7 @@ def run_json(text: str) -> int:
 
 
 def run(doc: dict[str, Any]) -> int:
+    from gpufleet.cli.data import DataError, parse_data
     from gpufleet.fleet import rollout
 
     os.environ.setdefault("PYINFRA_PROGRESS", "off")
@@ -118,7 +119,7 @@ def run(doc: dict[str, Any]) -> int:
     out = sys.stdout
     live = Printer(sys.stderr if doc.get("json") else sys.stdout)
     try:
-        data = rollout.parse_data(doc.get("data") or [])
+        data = parse_data(doc.get("data") or [])
         if doc["command"] == "releases":
             return _releases(doc, data, out)
         opts = rollout.Options(
@@ -136,7 +137,7 @@ def run(doc: dict[str, Any]) -> int:
             else:
                 opts.confirm = _ask
         report = rollout.Driver(opts, live).run()
-    except rollout.RolloutError as e:
+    except (rollout.RolloutError, DataError) as e:
         print(f"gpufleet {doc['command']}: {e}", file=sys.stderr)
         return rollout.USAGE
     except KeyboardInterrupt:

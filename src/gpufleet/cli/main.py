@@ -11,27 +11,13 @@ from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
+from gpufleet.cli.data import parse_data
 from gpufleet.model import secrets
 from gpufleet.model.spec import SPEC_KEYS, check_data_keys, load_spec
 
 
-def _parse_data(pairs: list[str]) -> dict[str, object]:
-    """``--data key=value`` pairs, the values parsed as pyinfra's CLI parses them (true/false,
-    integers, JSON, else the text), so check sees what the deploy will see."""
-    # rollout's copy of pyinfra_cli.util.parse_cli_arg: importing pyinfra_cli patches gevent
-    from gpufleet.fleet.rollout import parse_value as parse_cli_arg
-
-    data = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"gpufleet: --data expects key=value, got {pair!r}")
-        data[key] = parse_cli_arg(value)
-    return data
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    data = _parse_data(args.data)
+    data = parse_data(args.data)
     check_data_keys(data)  # the deploy refuses the same keys
     overrides = {k: v for k, v in data.items() if k in SPEC_KEYS and v is not None}
     spec = load_spec(args.spec, overrides=overrides, environ=os.environ)

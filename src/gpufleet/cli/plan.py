@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from pyinfra.api.exceptions import PyinfraError
 
+from gpufleet.cli.data import parse_data
 from gpufleet.model import gpus as gpu_catalog
 from gpufleet.model.gpus import Gpu
 from gpufleet.model.model_shape import ModelShape
@@ -73,16 +74,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 # -- inputs ------------------------------------------------------------------------------------
-
-
-def parse_data(pairs: list[str]) -> dict[str, str]:
-    data: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise PlanInputError(f"--data expects key=value, got {pair!r}")
-        data[key] = value
-    return data
 
 
 def _read_structured(path: Path) -> Any:

@@ -24,9 +24,9 @@ from pyinfra.operations.util import any_changed
 from gpufleet.clients import hub
 from gpufleet.deploy import unit_file as render
 from gpufleet.facts.nvidia import NvidiaGpus
-from gpufleet.facts.vllm import VERIFY_SCRIPT
 from gpufleet.fleet import lost_hosts
 from gpufleet.fleet import run_lock as hostlock
+from gpufleet.model import names
 from gpufleet.model import secrets as service_secrets
 from gpufleet.model.model_shape import ModelShape
 from gpufleet.model.release import LockHolder, deployed_by, now_iso
@@ -43,7 +43,6 @@ from gpufleet.operations import release_records as releases
 from gpufleet.operations import weights as models
 from gpufleet.planner import plan as planner
 
-UNIT_DIR = "/etc/systemd/system"
 SECRETS_IN_CONTAINER = "/run/gpufleet/service.env"
 # the vllm/vllm-openai entrypoint is `vllm serve`; this wrapper exports the secrets first
 ENTRYPOINT_SCRIPT = f'set -a && . {SECRETS_IN_CONTAINER} && set +a && exec vllm serve "$@"'
@@ -126,9 +125,9 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     scripts = resources.files("gpufleet.hostscripts")
     hostfiles.installed(
         name="gpufleet host scripts (verify endpoint, stage weights, docker restart)",
-        files={VERIFY_SCRIPT: scripts.joinpath("verify_endpoint.py").read_bytes(),
-               models.STAGE_SCRIPT: scripts.joinpath("stage_weights.py").read_bytes(),
-               docker.RESTART_SCRIPT: scripts.joinpath("docker_restart.py").read_bytes()},
+        files={names.VERIFY_SCRIPT: scripts.joinpath("verify_endpoint.py").read_bytes(),
+               names.STAGE_SCRIPT: scripts.joinpath("stage_weights.py").read_bytes(),
+               names.RESTART_SCRIPT: scripts.joinpath("docker_restart.py").read_bytes()},
     )
     docker.engine(name="Docker engine installed and running", package=spec.docker_package)
     nvidia.container_toolkit(
@@ -171,7 +170,7 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     unit = files.put(
         name=f"systemd unit {spec.unit_name}",
         src=StringIO(render_unit(spec, shape.commit if shape else None, plan)),
-        dest=f"{UNIT_DIR}/{spec.unit_name}", user="root", group="root", mode="644",
+        dest=names.unit_path(spec.service), user="root", group="root", mode="644",
     )
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
     systemd.service(

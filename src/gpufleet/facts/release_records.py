@@ -8,6 +8,7 @@ from typing import Any
 from pyinfra.api import FactBase, StringCommand
 from typing_extensions import override
 
+from gpufleet.model import names
 from gpufleet.model import release as releases
 
 
@@ -95,7 +96,7 @@ class RecordedServices(FactBase[list]):
 
     @override
     def command(self) -> str:
-        return (f"for d in {releases.ROOT}/*/releases; do "
+        return (f"for d in {names.STATE_ROOT}/*/releases; do "
                 '[ -d "$d" ] && basename "$(dirname "$d")"; done; true')
 
     @staticmethod

@@ -7,7 +7,7 @@ import json
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from typing_extensions import override
 
-VERIFY_SCRIPT = "/usr/local/lib/gpufleet/verify_endpoint.py"
+from gpufleet.model.names import VERIFY_SCRIPT
 
 
 class VllmEndpoint(FactBase[dict]):

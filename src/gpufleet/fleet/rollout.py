@@ -25,7 +25,6 @@ done by ``gpufleet.cli.fleet`` before pyinfra is imported.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -49,6 +48,7 @@ from pyinfra.operations import systemd
 
 from gpufleet.facts.release_records import RecordedServices, ReleaseState, empty_state
 from gpufleet.fleet import run_lock as hostlock
+from gpufleet.model import names
 from gpufleet.model import release as releases
 from gpufleet.model.spec import SPEC_KEYS
 from gpufleet.operations import release_records as release_ops
@@ -250,8 +250,8 @@ def restore_release(service: str, targets: Mapping[str, str]) -> None:
     served = str(record.get("served_name", ""))
     vllm.endpoint_verified(
         name=f"{HEALTH_OP_MARKER} on :{port} as {served!r}", port=port, served_name=served,
-        env_file=record.get("env_file", f"/etc/gpufleet/{service}.env"),
-        container=record.get("container", f"gpufleet-{service}"), unit=unit_name,
+        env_file=record.get("env_file", names.env_file(service)),
+        container=record.get("container", names.container_name(service)), unit=unit_name,
         timeout=int(record.get("cold_start_timeout", 1200)),
     )
     release_ops.activated(name=f"Release {release_id} current", service=service,
@@ -259,32 +259,6 @@ def restore_release(service: str, targets: Mapping[str, str]) -> None:
 
 
 # -- pyinfra plumbing -----------------------------------------------------------------------
-
-
-def parse_value(text: str) -> Any:
-    """A ``--data`` value as pyinfra's CLI parses it: true/false, an integer, JSON, else the
-    string (``pyinfra_cli.util.parse_cli_arg``, without importing pyinfra_cli)."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def parse_data(pairs: Iterable[str]) -> dict[str, Any]:
-    """``--data key=value`` pairs."""
-    data: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise RolloutError(f"--data expects key=value, got {pair!r}")
-        data[key] = parse_value(value)
-    return data
 
 
 def load_inventory(path: str, data: Mapping[str, Any] | None = None) -> Inventory:
@@ -1053,6 +1027,6 @@ def list_releases(inventory_path: str, service: str | None = None,
 __all__ = [
     "ABORTED", "Batch", "Driver", "Events", "HostResult", "LOCKED", "OK", "Options", "Report",
     "RolloutError", "UNREACHABLE", "USAGE", "batch_size", "empty_state", "list_releases",
-    "load_inventory", "max_out_of_service", "order_hosts", "parse_data", "plan_batches",
+    "load_inventory", "max_out_of_service", "order_hosts", "plan_batches",
     "restore_release", "rollback_target", "run_deploy_file",
 ]

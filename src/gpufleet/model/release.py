@@ -25,48 +25,22 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from gpufleet.model.names import (  # noqa: F401 (the paths of releases on a host)
+    audit_log,
+    lock_holder_path,
+    lock_path,
+    release_dir,
+    releases_dir,
+    service_dir,
+    unit_name,
+    unit_path,
+)
 from gpufleet.model.spec import ServiceSpec
 
-ROOT = "/var/lib/gpufleet"
-UNIT_DIR = "/etc/systemd/system"
 ID_LENGTH = 12
 KEEP_RELEASES = 5  # release records kept per service (current and previous always among them)
 
 _ID = re.compile(r"^[0-9a-f]{6,64}$")
-
-
-def service_dir(service: str) -> str:
-    return f"{ROOT}/{service}"
-
-
-def releases_dir(service: str) -> str:
-    return f"{service_dir(service)}/releases"
-
-
-def release_dir(service: str, release_id: str) -> str:
-    return f"{releases_dir(service)}/{release_id}"
-
-
-def lock_path(service: str) -> str:
-    """The run lock (``flock``) every deploy, rollout and rollback of the service takes."""
-    return f"{service_dir(service)}/lock"
-
-
-def lock_holder_path(service: str) -> str:
-    return f"{service_dir(service)}/lock.holder.json"
-
-
-def audit_log(service: str) -> str:
-    return f"{service_dir(service)}/audit.log"
-
-
-def unit_name(service: str) -> str:
-    """The unit of a service (``ServiceSpec.unit_name``)."""
-    return f"gpufleet-{service}.service"
-
-
-def unit_path(service: str) -> str:
-    return f"{UNIT_DIR}/{unit_name(service)}"
 
 
 def is_release_id(text: str) -> bool:

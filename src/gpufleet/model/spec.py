@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pyinfra.api.exceptions import PyinfraError
 
-from gpufleet.model import vllm_flags
+from gpufleet.model import names, vllm_flags
 
 # quantization -> the vLLM flag and value it maps to (None: let vLLM decide)
 QUANTIZATION_FLAGS: dict[str, tuple[str, str] | None] = {
@@ -152,20 +152,20 @@ class ServiceSpec:
 
     @property
     def unit_name(self) -> str:
-        return f"gpufleet-{self.service}.service"
+        return names.unit_name(self.service)
 
     @property
     def container_name(self) -> str:
-        return f"gpufleet-{self.service}"
+        return names.container_name(self.service)
 
     @property
     def env_file(self) -> str:
-        return f"/etc/gpufleet/{self.service}.env"
+        return names.env_file(self.service)
 
     @property
     def hf_token_file(self) -> str:
         """The root-only file holding HF_TOKEN for the weight staging (never the server's)."""
-        return f"/etc/gpufleet/{self.service}.hf-token"
+        return names.hf_token_file(self.service)
 
     @property
     def publish(self) -> str:

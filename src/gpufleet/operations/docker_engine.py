@@ -10,11 +10,10 @@ from pyinfra.facts.files import FileContents
 
 from gpufleet.facts.docker_engine import DockerEngine
 from gpufleet.model import daemon_json as daemonjson
+from gpufleet.model.names import RESTART_SCRIPT
 from gpufleet.operations.util import fail_host
-from gpufleet.operations.weights import SCRIPT_DIR
 
 DAEMON_JSON = "/etc/docker/daemon.json"
-RESTART_SCRIPT = f"{SCRIPT_DIR}/docker_restart.py"
 # daemon_json keeps the file it replaces under a fixed name (or records there was none), so a
 # daemon.json docker refuses can be put back without knowing the backup's time stamp
 PREVIOUS_SUFFIX = ".gpufleet-previous"

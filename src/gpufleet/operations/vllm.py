@@ -9,7 +9,8 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 from pyinfra.facts.files import File, Sha256File
 
-from gpufleet.facts.vllm import VERIFY_SCRIPT, VllmEndpoint
+from gpufleet.facts.vllm import VllmEndpoint
+from gpufleet.model.names import VERIFY_SCRIPT
 from gpufleet.model.secrets import Secret
 
 

@@ -9,9 +9,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 
 from gpufleet.facts.weights import WeightsStaged
-
-SCRIPT_DIR = "/usr/local/lib/gpufleet"
-STAGE_SCRIPT = f"{SCRIPT_DIR}/stage_weights.py"
+from gpufleet.model.names import MANIFEST_DIR, STAGE_SCRIPT, manifest_path
 
 
 @operation()
@@ -62,8 +60,8 @@ def weights_staged(
                 "files": [{k: f[k] for k in ("path", "size", "sha256", "blob_id")
                            if f.get(k) is not None}
                           for f in files]}
-    path = f"{SCRIPT_DIR}/manifests/{model.replace('/', '--')}-{commit}.json"
-    yield StringCommand("mkdir", "-p", QuoteString(f"{SCRIPT_DIR}/manifests"))
+    path = manifest_path(model, commit)
+    yield StringCommand("mkdir", "-p", QuoteString(MANIFEST_DIR))
     yield FileUploadCommand(StringIO(json.dumps(manifest, indent=1) + "\n"), path)
     token_args = ["--token-file", QuoteString(token_file)] if token_file else []
     yield StringCommand(

@@ -1,0 +1,72 @@
+"""Names and paths gpufleet uses on hosts, each derived in this one place.
+
+    /etc/systemd/system/gpufleet-<service>.service     the unit
+    gpufleet-<service>                                 its container
+    /etc/gpufleet/<service>.env                        the server's env file (VLLM_API_KEY), 0600
+    /etc/gpufleet/<service>.hf-token                   the Hub token for the staging, 0600
+    /var/lib/gpufleet/<service>/                       releases, run lock, audit log
+    /usr/local/lib/gpufleet/                           gpufleet's host scripts
+"""
+
+from __future__ import annotations
+
+UNIT_DIR = "/etc/systemd/system"
+SECRETS_DIR = "/etc/gpufleet"
+STATE_ROOT = "/var/lib/gpufleet"
+SCRIPT_DIR = "/usr/local/lib/gpufleet"
+
+VERIFY_SCRIPT = f"{SCRIPT_DIR}/verify_endpoint.py"
+STAGE_SCRIPT = f"{SCRIPT_DIR}/stage_weights.py"
+RESTART_SCRIPT = f"{SCRIPT_DIR}/docker_restart.py"
+MANIFEST_DIR = f"{SCRIPT_DIR}/manifests"
+
+
+def unit_name(service: str) -> str:
+    return f"gpufleet-{service}.service"
+
+
+def unit_path(service: str) -> str:
+    return f"{UNIT_DIR}/{unit_name(service)}"
+
+
+def container_name(service: str) -> str:
+    return f"gpufleet-{service}"
+
+
+def env_file(service: str) -> str:
+    """The server's env file: the API key only (the entrypoint sources it)."""
+    return f"{SECRETS_DIR}/{service}.env"
+
+
+def hf_token_file(service: str) -> str:
+    """The Hub token, for the weight staging only (never the server's)."""
+    return f"{SECRETS_DIR}/{service}.hf-token"
+
+
+def service_dir(service: str) -> str:
+    return f"{STATE_ROOT}/{service}"
+
+
+def releases_dir(service: str) -> str:
+    return f"{service_dir(service)}/releases"
+
+
+def release_dir(service: str, release_id: str) -> str:
+    return f"{releases_dir(service)}/{release_id}"
+
+
+def lock_path(service: str) -> str:
+    """The run lock (``flock``) every deploy, rollout and rollback of the service takes."""
+    return f"{service_dir(service)}/lock"
+
+
+def lock_holder_path(service: str) -> str:
+    return f"{service_dir(service)}/lock.holder.json"
+
+
+def audit_log(service: str) -> str:
+    return f"{service_dir(service)}/audit.log"
+
+
+def manifest_path(model: str, commit: str) -> str:
+    return f"{MANIFEST_DIR}/{model.replace('/', '--')}-{commit}.json"
