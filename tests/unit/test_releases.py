@@ -1,8 +1,12 @@
-"""Releases: ids, records, the host-side record/switch/lock scripts (run here on a temp dir)."""
+"""Releases: ids, records, and the host script that records, switches, restores and audits them
+(hostscripts/release_records.py, run here for real on a temp dir as the commands run it)."""
 
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +15,13 @@ from pyinfra.api import StringCommand
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra_testing.util import FakeState, create_host
 
-from gpufleet.facts.release_records import ReleaseState, parse_state
+from gpufleet.facts import release_records as release_facts
+from gpufleet.facts.release_records import (
+    RecordedServices,
+    ReleaseState,
+    empty_state,
+    parse_state,
+)
 from gpufleet.fleet.rollout import rollback_target
 from gpufleet.model import names
 from gpufleet.model import release as releases
@@ -23,6 +33,10 @@ BASE = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
         "image": "vllm/vllm-openai:v0.11.0", "quantization": "fp8"}
 SPEC = build_spec(BASE)
 ENV = Secret("HF_TOKEN='hf_SECRETSECRET'\nVLLM_API_KEY='gf-SECRETKEY'\n")
+SCRIPT = Path(release_facts.__file__).resolve().parents[1] / "hostscripts/release_records.py"
+_spec = importlib.util.spec_from_file_location("release_records_script", SCRIPT)
+hostscript = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hostscript)  # type: ignore[union-attr]
 UNIT = "[Service]\nExecStart=/usr/bin/docker run 'quoted' \"$HOME\" %h\n"
 
 
@@ -129,7 +143,7 @@ def test_recorded_writes_one_command_without_secrets():
     _, cmds = _op(release_ops.recorded, _facts(current="0123456789ab"), service="llama3",
                   release_id=r.id, record=r.record(), unit=UNIT)
     assert len(cmds) == 1 and "SECRET" not in cmds[0]
-    assert f"releases/{r.id}" in cmds[0]
+    assert f"--id={r.id}" in cmds[0] and "--dir=/var/lib/gpufleet/llama3" in cmds[0]
 
 
 def test_unit_restored_fails_the_host_for_an_unknown_release():
@@ -217,7 +231,7 @@ def test_unit_restored_puts_the_recorded_unit_back(root):
     host = create_host(state, facts={"release_records.ReleaseState": {"service=llama3": st}})
     with ctx_state.use(state), ctx_host.use(host):
         (command,) = list(cmd(service="llama3", release_id=first.id))
-    text = command.get_raw_value().replace("-o root -g root ", "")
+    text = command.get_raw_value().replace(" --owner=root:root", "")
     assert _sh(text).returncode == 0
     assert live.read_text() == "unit one\n"
 
@@ -239,3 +253,119 @@ def test_a_release_is_not_recorded_when_the_unit_in_place_is_not_the_one_started
     out = _sh(cmds[0])
     assert out.returncode == 1 and "is not the unit this run wrote" in out.stderr
     assert _state()["current"] is None
+
+
+# -- the host script itself (hostscripts/release_records.py), on a temporary root -----------------
+
+
+def _script(*args: str) -> subprocess.CompletedProcess:
+    """Run the host script as the commands do: ``python3 -c <script> ARGS``."""
+    return subprocess.run(["python3", "-c", release_facts.script(), *args],
+                          capture_output=True, text=True)
+
+
+def test_the_script_is_stdlib_ascii_and_knows_the_layout_names_py_names():
+    text = release_facts.script()
+    assert text.isascii()  # argv and stdin decoding on a host in the C locale
+    imported = {line.split()[1].split(".")[0] for line in text.splitlines()
+                if line.startswith(("import ", "from "))}
+    assert imported <= {"__future__", "argparse", "fcntl", "hashlib", "os", "shutil", "sys"}
+    d = releases.service_dir("llama3")
+    for const, path in ((hostscript.RELEASES, releases.releases_dir("llama3")),
+                        (hostscript.LOCK, releases.lock_path("llama3")),
+                        (hostscript.HOLDER, releases.lock_holder_path("llama3")),
+                        (hostscript.AUDIT, releases.audit_log("llama3"))):
+        assert f"{d}/{const}" == path
+    assert f"{releases.releases_dir('llama3')}/x/{hostscript.RECORD}" == (
+        f"{releases.release_dir('llama3', 'x')}/release.json")
+
+
+def test_every_command_shows_the_script_masked():
+    for cmd in (ReleaseState().command(service="llama3"), RecordedServices().command(),
+                release_ops.audit_command("llama3", '{"a":1}')):
+        shown, raw = str(cmd), cmd.get_raw_value()
+        assert "<hostscripts/release_records.py>" in shown and "def main" not in shown
+        assert "def main" in raw
+
+
+def test_a_fresh_host_has_no_releases_and_no_services(root):
+    assert _state() == empty_state()
+    out = _sh(RecordedServices().command())
+    assert out.returncode == 0 and RecordedServices().process(out.stdout.splitlines()) == []
+
+
+def test_the_fact_reads_exactly_what_is_recorded(root):
+    r = _record("unit one\n")
+    d = Path(releases.service_dir("llama3"))
+    # a run holds the lock (another open file: as another process would)
+    holder = '{"command":"rollout","id":"x1","pid":1,"started":"t","who":"a@b"}'
+    (d / "lock.holder.json").write_text(holder + "\n")
+    with open(d / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held = _state()
+    assert held == {
+        "current": r.id, "previous": None,
+        "releases": {r.id: json.loads((d / "releases" / r.id / "release.json").read_text())},
+        "locked": True, "lock": json.loads(holder),
+        "unit_sha256": releases.sha256_text("unit one\n"),
+    }
+    assert _state()["locked"] is False  # a holder file without the flock means nothing
+    out = _sh(RecordedServices().command())
+    assert RecordedServices().process(out.stdout.splitlines()) == ["llama3"]
+
+
+def test_record_writes_one_json_line_and_the_unit_byte_for_byte(root):
+    unit = "-[Unit] starts with a dash\nDescription='q' \"qq\" $HOME `x` \\ é\n"
+    r = _record(unit)
+    rdir = Path(releases.release_dir("llama3", r.id))
+    assert (rdir / "unit").read_bytes() == unit.encode()
+    line = (rdir / "release.json").read_text()
+    assert line.count("\n") == 1 and json.loads(line)["id"] == r.id
+    assert sorted(p.name for p in rdir.iterdir()) == ["release.json", "unit"]
+    # recorded again (e.g. current moved away meanwhile): the record is kept as it was
+    before = (rdir / "release.json").read_bytes()
+    out = _script("record", f"--dir={releases.service_dir('llama3')}",
+                  f"--unit={releases.unit_path('llama3')}", f"--id={r.id}", "--keep=5",
+                  '--record={"other":1}', "--unit-text=other", f"--unit-sha256={r.unit_sha256}")
+    assert out.returncode == 0, out.stderr
+    assert (rdir / "release.json").read_bytes() == before and (rdir / "unit").read_bytes() == (
+        unit.encode())
+
+
+def test_pruning_never_removes_previous_even_when_it_is_the_oldest(root):
+    kept = [_record(f"unit {i}\n") for i in range(releases.KEEP_RELEASES + 2)][2:]
+    assert sorted(_state()["releases"]) == sorted(r.id for r in kept)
+    oldest = kept[0]
+    # a rollback to the oldest record, then a new release: the oldest is previous now
+    assert _sh(release_ops._activate_command("llama3", oldest.id)).returncode == 0
+    newest = _record("unit new\n")
+    st = _state()
+    assert (st["current"], st["previous"]) == (newest.id, oldest.id)
+    assert len(st["releases"]) == releases.KEEP_RELEASES + 1 and oldest.id in st["releases"]
+    d = Path(releases.service_dir("llama3"))
+    assert os.readlink(d / "current") == f"releases/{newest.id}"
+    assert os.readlink(d / "previous") == f"releases/{oldest.id}"
+    assert not list(d.glob("*.new")) and not list((d / "releases").glob(".*"))
+
+
+def test_audit_appends_lines_creating_the_directory(root):
+    for line in ('{"rollout":"r1"}', '{"rollout":"r2","x":"-dash"}'):
+        out = _sh(release_ops.audit_command("llama3", line))
+        assert out.returncode == 0, out.stderr
+    assert Path(releases.audit_log("llama3")).read_text() == (
+        '{"rollout":"r1"}\n{"rollout":"r2","x":"-dash"}\n')
+
+
+def test_activating_where_nothing_is_recorded_fails_with_a_reason(root):
+    out = _sh(release_ops._activate_command("llama3", "0123456789ab"))
+    assert out.returncode == 1 and out.stderr.startswith("gpufleet: release_records activate")
+
+
+def test_restore_unit_of_a_missing_copy_fails_and_leaves_the_unit(root):
+    live = Path(releases.unit_path("llama3"))
+    live.write_text("unit in place\n")
+    out = _script("restore-unit", f"--dir={releases.service_dir('llama3')}", f"--unit={live}",
+                  "--id=0123456789ab")
+    assert out.returncode == 1 and "gpufleet:" in out.stderr
+    assert live.read_text() == "unit in place\n" and sorted(os.listdir(live.parent)) == [
+        live.name]

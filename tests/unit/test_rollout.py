@@ -154,7 +154,7 @@ def fleet(n: int = 4, bad: tuple[str, ...] = ()) -> Inventory:
     hosts = []
     for i in range(1, n + 1):
         name = f"gpu-{i:02d}"
-        responses: dict = {'echo "current=': state_lines()}
+        responses: dict = {" state --dir=": state_lines()}  # the ReleaseState fact
         if name in bad:
             responses["fake-health-gate"] = {
                 "success": False,

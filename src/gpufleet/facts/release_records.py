@@ -1,15 +1,44 @@
-"""Facts about the releases recorded on a host (see ``gpufleet.model.release``)."""
+"""Facts about the releases recorded on a host (see ``gpufleet.model.release``).
+
+The host side is ``hostscripts/release_records.py``; the operations in
+``gpufleet.operations.release_records`` run it too. It is sent with each command
+(:func:`script_command`), not installed: these facts run before a deploy has installed
+anything on a fresh host, and ``gpufleet releases`` or a rollback may meet hosts deployed by an
+older gpufleet, so the host always runs this controller's version of it. Hosts need
+``python3``, as the run lock (``hostscripts/hostlock.py``) does already.
+"""
 
 from __future__ import annotations
 
-import shlex
+import functools
+from importlib import resources
 from typing import Any
 
-from pyinfra.api import FactBase, StringCommand
+from pyinfra.api import FactBase, HiddenValue, QuoteString, StringCommand
 from typing_extensions import override
 
 from gpufleet.model import names
 from gpufleet.model import release as releases
+
+SCRIPT = "release_records.py"
+
+
+@functools.cache
+def script() -> str:
+    return resources.files("gpufleet.hostscripts").joinpath(SCRIPT).read_text("utf-8")
+
+
+def script_command(subcommand: str, **options: str | int) -> StringCommand:
+    """``python3 -c <release_records.py> SUBCOMMAND --option=value ...``, one shell command.
+
+    The script travels as the ``-c`` argument: pyinfra passes no stdin to a fact's command
+    (``_stdin`` is only an argument of an operation or of ``get_fact``'s caller), and the
+    rollout driver's audit command runs outside any operation. The script's text is shown
+    masked where pyinfra prints commands. ``--option=value`` keeps a value that starts with
+    ``-`` a value."""
+    body = QuoteString(HiddenValue(script(), f"<hostscripts/{SCRIPT}>"))
+    args = [QuoteString(f"--{key.replace('_', '-')}={value}") for key, value in options.items()]
+    return StringCommand("python3", "-c", body, subcommand, *args)
 
 
 class ReleaseState(FactBase[dict]):
@@ -30,20 +59,8 @@ class ReleaseState(FactBase[dict]):
 
     @override
     def command(self, service: str) -> StringCommand:
-        return StringCommand(" ".join((
-            f"d={shlex.quote(releases.service_dir(service))};",
-            f"u={shlex.quote(releases.unit_path(service))};",
-            'echo "current=$(readlink "$d/current" 2>/dev/null)";',
-            'echo "previous=$(readlink "$d/previous" 2>/dev/null)";',
-            'for f in "$d"/releases/*/release.json; do',
-            '[ -f "$f" ] && echo "release=$(cat "$f")";',
-            "done;",
-            # held only while the holder's flock is: a holder file alone means nothing
-            'if [ -f "$d/lock" ] && ! flock -n "$d/lock" true 2>/dev/null; then',
-            'echo "lock=$(cat "$d/lock.holder.json" 2>/dev/null)"; fi;',
-            'if [ -f "$u" ]; then echo "unit=$(sha256sum < "$u" | cut -d" " -f1)"; fi;',
-            "true",
-        )))
+        return script_command("state", dir=releases.service_dir(service),
+                              unit=releases.unit_path(service))
 
     @staticmethod
     def default() -> dict:
@@ -95,9 +112,8 @@ class RecordedServices(FactBase[list]):
     """
 
     @override
-    def command(self) -> str:
-        return (f"for d in {names.STATE_ROOT}/*/releases; do "
-                '[ -d "$d" ] && basename "$(dirname "$d")"; done; true')
+    def command(self) -> StringCommand:
+        return script_command("services", root=names.STATE_ROOT)
 
     @staticmethod
     def default() -> list:

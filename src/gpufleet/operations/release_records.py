@@ -2,42 +2,31 @@
 
 A release becomes ``current`` only through :func:`recorded`, which the deploy runs after the
 health gate passed; the one it replaces becomes ``previous``. Records are written with one
-command, and a re-run of the same release reads one fact and changes nothing.
+command, and a re-run of the same release reads one fact and changes nothing. Each command runs
+``hostscripts/release_records.py``, sent with it (see ``gpufleet.facts.release_records``).
 """
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 
 from pyinfra import host
 from pyinfra.api import StringCommand, operation
 
-from gpufleet.facts.release_records import ReleaseState
+from gpufleet.facts.release_records import ReleaseState, script_command
 from gpufleet.model import release as releases
 from gpufleet.model.secrets import Secret
 from gpufleet.model.spec import ServiceSpec
 from gpufleet.operations.util import fail_host
 
-q = shlex.quote
+UNIT_OWNER = "root:root"
 
 
-def _activate_script(service: str, release_id: str) -> str:
-    """Shell: point ``current`` at the release, the old ``current`` becomes ``previous``
-    (atomic symlink swaps); then prune records beyond KEEP_RELEASES, never current/previous."""
-    d, target = q(releases.service_dir(service)), q(f"releases/{release_id}")
-    keep = releases.KEEP_RELEASES + 1
-    return (
-        f'd={d}; cur=$(readlink "$d/current" 2>/dev/null || true); '
-        f'if [ "$cur" != {target} ]; then '
-        'if [ -n "$cur" ]; then ln -sfn "$cur" "$d/previous.new" && '
-        'mv -Tf "$d/previous.new" "$d/previous"; fi; '
-        f'ln -sfn {target} "$d/current.new" && mv -Tf "$d/current.new" "$d/current"; fi; '
-        'cd "$d/releases" && '
-        f'ls -1t | tail -n +{keep} | while read -r x; do '
-        'case "releases/$x" in "$(readlink ../current)"|"$(readlink ../previous)") ;; '
-        '*) rm -rf -- "$x" ;; esac; done'
-    )
+def _activate_command(service: str, release_id: str) -> StringCommand:
+    """Point ``current`` at the release, the old ``current`` becomes ``previous`` (atomic
+    symlink swaps); then prune records beyond KEEP_RELEASES, never current/previous."""
+    return script_command("activate", dir=releases.service_dir(service), id=release_id,
+                          keep=releases.KEEP_RELEASES)
 
 
 DATA_KEY = "gpufleet_release"  # host data: the Release this run's deploy records on the host
@@ -90,20 +79,13 @@ def recorded(service: str, release_id: str, record: dict, unit: str):
     if state["current"] == release_id:
         host.noop(f"release {release_id} is current")
         return
-    # the record must describe what runs: the unit in place is the one this run rendered
-    # (the run lock keeps other runs out; this catches a unit changed behind gpufleet's back)
-    unit_path = q(releases.unit_path(service))
-    why = q(f"gpufleet: {unit_path} is not the unit this run wrote (release {release_id}): "
-            "it changed during the run; nothing recorded, re-run the deploy")
-    yield StringCommand(
-        f'[ "$(sha256sum < {unit_path} | cut -d" " -f1)" = {q(record["unit_sha256"])} ] || '
-        f"{{ echo {why} >&2; exit 1; }}; "
-        f"set -e; r={q(releases.release_dir(service, release_id))}; mkdir -p \"$r\"; "
-        'if [ ! -f "$r/release.json" ]; then '
-        f'printf %s {q(unit)} > "$r/unit.new" && mv -f "$r/unit.new" "$r/unit"; '
-        f'printf "%s\\n" {q(releases.dumps(record))} > "$r/release.json.new" && '
-        'mv -f "$r/release.json.new" "$r/release.json"; fi; '
-        'touch "$r"; ' + _activate_script(service, release_id)
+    # the record must describe what runs: the script refuses when the unit in place is not the
+    # one this run rendered (the run lock keeps other runs out; this catches a unit changed
+    # behind gpufleet's back)
+    yield script_command(
+        "record", dir=releases.service_dir(service), unit=releases.unit_path(service),
+        id=release_id, keep=releases.KEEP_RELEASES, record=releases.dumps(record),
+        unit_text=unit, unit_sha256=record["unit_sha256"],
     )
 
 
@@ -123,7 +105,7 @@ def activated(service: str, release_id: str):
     if release_id not in state["releases"]:
         yield from fail_host(f"{host.name}: release {release_id} is not recorded here")
         return
-    yield StringCommand(_activate_script(service, release_id))
+    yield _activate_command(service, release_id)
 
 
 @operation()
@@ -145,10 +127,8 @@ def unit_restored(service: str, release_id: str):
     if state["unit_sha256"] and state["unit_sha256"] == record.get("unit_sha256"):
         host.noop(f"the unit in place is release {release_id}'s")
         return
-    src = q(f"{releases.release_dir(service, release_id)}/unit")
-    yield StringCommand(
-        f"install -m 644 -o root -g root {src} {q(releases.unit_path(service))}"
-    )
+    yield script_command("restore-unit", dir=releases.service_dir(service),
+                         unit=releases.unit_path(service), id=release_id, owner=UNIT_OWNER)
 
 
 # -- a command the rollout driver runs directly (not an operation: it must run even when the
@@ -157,7 +137,4 @@ def unit_restored(service: str, release_id: str):
 
 def audit_command(service: str, audit_line: str) -> StringCommand:
     """Append one line to the service's audit log (for a host whose lock lease was lost)."""
-    return StringCommand(
-        f"mkdir -p {q(releases.service_dir(service))} && "
-        f"printf '%s\\n' {q(audit_line)} >> {q(releases.audit_log(service))}"
-    )
+    return script_command("audit", dir=releases.service_dir(service), line=audit_line)
