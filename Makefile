@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 LAB_ENV = /var/tmp/gpufleet-lab/gf/lab.env
 
-.PHONY: venv demo lab-up lab-down lab-status test unit lint bench clean
+.PHONY: venv demo lab-up lab-down lab-status test unit lint lowest bench clean
 
 $(BIN)/gpufleet: pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,11 +38,24 @@ test: venv
 unit: venv
 	$(BIN)/pytest -m "not lab"
 
+# ruff, and deptry: every import declared, nothing declared unused (product and lab apart)
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/deptry src deploys inventories
+	cd lab && ../$(BIN)/deptry src
+
+# the unit tests on the lowest versions pyproject.toml allows, in a venv of their own
+LOWEST ?= .venv-lowest
+lowest:
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q uv
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
+	  -e '.[dev]' -e ./lab
+	$(LOWEST)/bin/pytest -m "not lab" -q
 
 bench: venv
 	$(BIN)/python bench/lab_bench.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(LOWEST) build dist *.egg-info

@@ -1,4 +1,4 @@
-"""Every input is data, never code (issue 8): hostile strings through every string field.
+"""Every input is data, never code: hostile strings through every string field.
 
 Each hostile string goes through every string field of the spec, each ``extra_args`` element and
 ``container_env`` key and value, from the YAML side (``build_spec`` data) and from the ``--data``

@@ -386,7 +386,7 @@ def test_catalogue_facts_and_sources():
     assert gpu_catalog.lookup("l40s").gpu.compute_capability == "8.9"
     assert gpu_catalog.lookup("rtx4000ada").gpu.memory_mib == 20475
     assert gpu_catalog.lookup("rtx6000ada").gpu.memory_mib == 49140
-    # only the H100 slugs are in DigitalOcean's OpenAPI spec (anchors.md section 4)
+    # only the H100 slugs are in DigitalOcean's OpenAPI spec (gpufleet.model.gpus says where)
     assert {s.slug for s in gpu_catalog.SIZES if s.official} == {"gpu-h100x1-80gb",
                                                                  "gpu-h100x8-640gb"}
     with pytest.raises(KeyError, match="unknown GPU 'a100'"):

@@ -128,7 +128,7 @@ def test_unreadable_and_invalid_yaml(tmp_path):
         load_spec(listy)
 
 
-# -- issue 8: every input is data -----------------------------------------------------------------
+# -- every input is data, never code ------------------------------------------------------------
 
 @pytest.mark.parametrize("field", ["service", "model", "revision", "image", "served_model_name",
                                    "models_dir", "compile_cache_dir", "bind_address",

@@ -34,7 +34,7 @@ def test_the_product_wheel_ships_templates_and_host_scripts(product):
     names, _ = product
     for path in ("gpufleet/templates/vllm.service.j2", "gpufleet/hostscripts/verify_endpoint.py",
                  "gpufleet/hostscripts/stage_weights.py", "gpufleet/hostscripts/hostlock.py",
-                 "gpufleet/hostscripts/docker_restart.py"):
+                 "gpufleet/hostscripts/docker_restart.py", "gpufleet/model/vllm_serve_flags.json"):
         assert path in names, path
 
 

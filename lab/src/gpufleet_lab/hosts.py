@@ -8,7 +8,7 @@ the stand-in ``/usr/bin/nvidia-smi`` that replays real recordings (see ``profile
 not real: the kernel is the CI machine's, /proc shows the machine's CPUs and memory (uptime is
 per host, from lxcfs), and there is no GPU.
 
-The recipe and every pitfall behind these choices are in the research note ``testbed.md``:
+The choices below each avoid a pitfall of running docker in nspawn containers:
 per-host cgroups (with no systemd on the machine nspawn would put every host into the same
 ``/payload``), v1 controllers remounted rw inside for docker, ``SYSTEMD_SECCOMP=0``,
 ``SYSTEMD_NSPAWN_API_VFS_WRITABLE=network``, ``--capability=all``, plain directories bound at

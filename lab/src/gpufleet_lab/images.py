@@ -33,10 +33,11 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
-from gpufleet_lab import hosts
+from gpufleet_lab import hosts, vllm_standin
 
 VLLM_REPOSITORY = "vllm/vllm-openai"
 DEFAULT_TAG = "v0.11.0"
@@ -52,6 +53,12 @@ MEDIA_CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
 MEDIA_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 STANDIN_SOURCE = Path(__file__).with_name("vllm_standin.py")
+
+
+def standin_flags() -> bytes:
+    """vLLM's serve flags as gpufleet has them: the stand-in reads them from beside itself."""
+    return resources.files("gpufleet.model").joinpath(vllm_standin.FLAGS_FILE).read_bytes()
+
 STRIP_PATHS = (
     "usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
     "usr/share/common-licenses", "usr/lib/x86_64-linux-gnu/gconv", "usr/lib/python3.11/test",
@@ -274,6 +281,7 @@ def inputs_key(mirrors: Sequence[str]) -> str:
     h.update(("strip=" + ",".join(STRIP_PATHS) + "\n").encode())
     h.update(("mirrors=" + "|".join(mirrors) + "\n").encode())
     h.update(STANDIN_SOURCE.read_bytes())
+    h.update(standin_flags())
     return h.hexdigest()[:16]
 
 
@@ -319,6 +327,9 @@ def install_standin(rootfs: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(STANDIN_SOURCE, target)
     os.chmod(target, 0o755)
+    flags = target.with_name(vllm_standin.FLAGS_FILE)
+    flags.write_bytes(standin_flags())
+    os.chmod(flags, 0o644)
     (rootfs / "vllm-workspace").mkdir(mode=0o755, exist_ok=True)
     marker = rootfs / "etc/gpufleet-lab-standin"
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -331,8 +342,8 @@ def build_vllm_image(cache_dir: Path, tag: str = DEFAULT_TAG, *,
                      log: Logger = print) -> ImageInfo:
     """Build (or reuse from ``cache_dir``) the stand-in vLLM image for ``repository:tag``.
 
-    The layer is cached by a hash of its inputs (recipe, packages, mirror lines and
-    vllm_standin.py); only the small config/manifest blobs depend on the tag.
+    The layer is cached by a hash of its inputs (recipe, packages, mirror lines,
+    vllm_standin.py and the flag file); only the small config/manifest blobs depend on the tag.
     """
     base = Path(cache_dir) / "vllm-image"
     blobs_dir = base / "blobs"

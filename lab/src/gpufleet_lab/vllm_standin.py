@@ -45,21 +45,41 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 DEFAULT_VERSION = "0.11.0"
 STANDIN_MARKER = "gpufleet-lab-standin"
 
-DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
-KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla")
-# vllm/model_executor/layers/quantization/__init__.py (v0.11 era)
-QUANTIZATION_METHODS = (
-    "awq", "deepspeedfp", "tpu_int8", "fp8", "ptpc_fp8", "fbgemm_fp8", "modelopt",
-    "modelopt_fp4", "bitblas", "gguf", "gptq_marlin_24", "gptq_marlin", "gptq_bitblas",
-    "awq_marlin", "gptq", "compressed-tensors", "bitsandbytes", "hqq", "experts_int8",
-    "ipex", "quark", "moe_wna16", "torchao", "auto-round", "rtn", "inc", "mxfp4", "petit_nvfp4",
-)
-UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+# vLLM's serve options (names, kinds, types, defaults, choices) come from the one data file
+# gpufleet checks extra_args against: next to this script in the stand-in image, else in the
+# installed gpufleet package (controller, unit tests).
+FLAGS_FILE = "vllm_serve_flags.json"
+
+
+def _load_serve_flags() -> list[dict[str, Any]]:
+    beside = Path(__file__).resolve().with_name(FLAGS_FILE)
+    if beside.is_file():
+        text = beside.read_text(encoding="utf-8")
+    else:
+        from importlib import resources
+
+        text = resources.files("gpufleet.model").joinpath(FLAGS_FILE).read_text(encoding="utf-8")
+    flags: list[dict[str, Any]] = json.loads(text)["flags"]
+    return flags
+
+
+SERVE_FLAGS = _load_serve_flags()
+
+
+def _choices(flag: str) -> tuple[Any, ...]:
+    return tuple(next(f for f in SERVE_FLAGS if f["flag"] == flag)["choices"])
+
+
+DTYPES = _choices("--dtype")
+KV_CACHE_DTYPES = _choices("--kv-cache-dtype")
+QUANTIZATION_METHODS = _choices("--quantization")
+UVICORN_LOG_LEVELS = _choices("--uvicorn-log-level")
 
 # model id -> (architecture, max_position_embeddings, weights GiB at bf16)
 KNOWN_MODELS: dict[str, tuple[str, int, float]] = {
@@ -151,12 +171,6 @@ def human_readable_int(value: str) -> int:
     return int(value)
 
 
-def _bool(parser: argparse._ActionsContainer, *names: str, default: bool | None = False,
-          help: str = "") -> None:
-    parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=default,
-                        help=help)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``vllm`` CLI: top-level parser plus a ``serve`` subparser with vLLM's flags."""
     parser = argparse.ArgumentParser(
@@ -179,214 +193,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_VALUE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "json": json.loads,
+                                "human_int": human_readable_int}
+
+
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_tag", type=str, nargs="?", help="The model tag to serve "
                    "(optional if specified in config)")
-    p.add_argument("--headless", action="store_true", default=False)
-    p.add_argument("--api-server-count", "-asc", type=int, default=None)
-    p.add_argument("--config", type=str, default="")
-    # Frontend
-    fe = p.add_argument_group("Frontend")
-    fe.add_argument("--host", type=str, default=None)
-    fe.add_argument("--port", type=int, default=8000)
-    fe.add_argument("--uds", type=str, default=None)
-    fe.add_argument("--uvicorn-log-level", type=str, default="info", choices=UVICORN_LOG_LEVELS)
-    _bool(fe, "--disable-uvicorn-access-log")
-    _bool(fe, "--allow-credentials")
-    fe.add_argument("--allowed-origins", type=json.loads, default=["*"])
-    fe.add_argument("--allowed-methods", type=json.loads, default=["*"])
-    fe.add_argument("--allowed-headers", type=json.loads, default=["*"])
-    fe.add_argument("--api-key", type=str, nargs="+", default=None)
-    fe.add_argument("--lora-modules", type=str, nargs="+", default=None)
-    fe.add_argument("--chat-template", type=str, default=None)
-    fe.add_argument("--chat-template-content-format", type=str, default="auto",
-                    choices=("auto", "string", "openai"))
-    _bool(fe, "--trust-request-chat-template")
-    fe.add_argument("--response-role", type=str, default="assistant")
-    fe.add_argument("--ssl-keyfile", type=str, default=None)
-    fe.add_argument("--ssl-certfile", type=str, default=None)
-    fe.add_argument("--ssl-ca-certs", type=str, default=None)
-    _bool(fe, "--enable-ssl-refresh")
-    fe.add_argument("--ssl-cert-reqs", type=int, default=0)
-    fe.add_argument("--root-path", type=str, default=None)
-    fe.add_argument("--middleware", type=str, action="append", default=[])
-    _bool(fe, "--return-tokens-as-token-ids")
-    _bool(fe, "--disable-frontend-multiprocessing")
-    _bool(fe, "--enable-request-id-headers")
-    _bool(fe, "--enable-auto-tool-choice")
-    _bool(fe, "--exclude-tools-when-tool-choice-none")
-    fe.add_argument("--tool-call-parser", type=str, default=None)
-    fe.add_argument("--tool-parser-plugin", type=str, default="")
-    fe.add_argument("--tool-server", type=str, default=None)
-    fe.add_argument("--log-config-file", type=str, default=None)
-    fe.add_argument("--max-log-len", type=int, default=None)
-    _bool(fe, "--disable-fastapi-docs")
-    _bool(fe, "--enable-prompt-tokens-details")
-    _bool(fe, "--enable-server-load-tracking")
-    _bool(fe, "--enable-force-include-usage")
-    _bool(fe, "--enable-tokenizer-info-endpoint")
-    _bool(fe, "--enable-log-outputs")
-    fe.add_argument("--h11-max-incomplete-event-size", type=int, default=4194304)
-    fe.add_argument("--h11-max-header-count", type=int, default=256)
-    # ModelConfig
-    mc = p.add_argument_group("ModelConfig")
-    mc.add_argument("--model", type=str, default="Qwen/Qwen3-0.6B")
-    mc.add_argument("--runner", type=str, default="auto",
-                    choices=("auto", "generate", "pooling", "draft"))
-    mc.add_argument("--convert", type=str, default="auto",
-                    choices=("auto", "none", "embed", "classify", "reward"))
-    mc.add_argument("--task", type=str, default=None)
-    mc.add_argument("--tokenizer", type=str, default=None)
-    mc.add_argument("--tokenizer-mode", type=str, default="auto",
-                    choices=("auto", "slow", "mistral", "custom"))
-    _bool(mc, "--trust-remote-code")
-    mc.add_argument("--dtype", type=str, default="auto", choices=DTYPES)
-    mc.add_argument("--seed", type=int, default=0)
-    mc.add_argument("--hf-config-path", type=str, default=None)
-    mc.add_argument("--allowed-local-media-path", type=str, default="")
-    mc.add_argument("--allowed-media-domains", type=str, nargs="+", default=None)
-    mc.add_argument("--revision", type=str, default=None)
-    mc.add_argument("--code-revision", type=str, default=None)
-    mc.add_argument("--rope-scaling", type=json.loads, default=None)
-    mc.add_argument("--rope-theta", type=float, default=None)
-    mc.add_argument("--tokenizer-revision", type=str, default=None)
-    mc.add_argument("--max-model-len", type=human_readable_int, default=None)
-    mc.add_argument("--quantization", "-q", type=str, default=None,
-                    choices=QUANTIZATION_METHODS)
-    _bool(mc, "--enforce-eager")
-    mc.add_argument("--max-seq-len-to-capture", type=int, default=8192)
-    mc.add_argument("--max-logprobs", type=int, default=20)
-    mc.add_argument("--logprobs-mode", type=str, default="raw_logprobs")
-    _bool(mc, "--disable-sliding-window")
-    _bool(mc, "--disable-cascade-attn")
-    _bool(mc, "--skip-tokenizer-init")
-    _bool(mc, "--enable-prompt-embeds")
-    mc.add_argument("--served-model-name", type=str, nargs="+", default=None)
-    mc.add_argument("--config-format", type=str, default="auto")
-    mc.add_argument("--hf-token", type=str, nargs="?", const=True, default=None)
-    mc.add_argument("--hf-overrides", type=json.loads, default=None)
-    mc.add_argument("--pooler-config", type=json.loads, default=None)
-    mc.add_argument("--override-pooler-config", type=json.loads, default=None)
-    mc.add_argument("--logits-processor-pattern", type=str, default=None)
-    mc.add_argument("--generation-config", type=str, default="auto")
-    mc.add_argument("--override-generation-config", type=json.loads, default=None)
-    _bool(mc, "--enable-sleep-mode")
-    mc.add_argument("--model-impl", type=str, default="auto",
-                    choices=("auto", "vllm", "transformers", "terratorch"))
-    mc.add_argument("--override-attention-dtype", type=str, default=None)
-    mc.add_argument("--logits-processors", type=str, nargs="+", default=None)
-    mc.add_argument("--io-processor-plugin", type=str, default=None)
-    # LoadConfig
-    lc = p.add_argument_group("LoadConfig")
-    lc.add_argument("--load-format", type=str, default="auto")
-    lc.add_argument("--download-dir", type=str, default=None)
-    lc.add_argument("--safetensors-load-strategy", type=str, default="lazy")
-    lc.add_argument("--model-loader-extra-config", type=json.loads, default=None)
-    lc.add_argument("--ignore-patterns", type=str, nargs="+", default=None)
-    _bool(lc, "--use-tqdm-on-load", default=True)
-    lc.add_argument("--pt-load-map-location", type=str, default="cpu")
-    # StructuredOutputsConfig
-    so = p.add_argument_group("StructuredOutputsConfig")
-    so.add_argument("--reasoning-parser", type=str, default="")
-    so.add_argument("--reasoning-parser-plugin", type=str, default="")
-    so.add_argument("--guided-decoding-backend", type=str, default=None)
-    # ParallelConfig
-    pc = p.add_argument_group("ParallelConfig")
-    pc.add_argument("--distributed-executor-backend", type=str, default=None,
-                    choices=("ray", "mp", "uni", "external_launcher"))
-    pc.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    pc.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    pc.add_argument("--decode-context-parallel-size", "-dcp", type=int, default=1)
-    pc.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    pc.add_argument("--data-parallel-rank", "-dpn", type=int, default=None)
-    pc.add_argument("--data-parallel-start-rank", "-dpr", type=int, default=None)
-    pc.add_argument("--data-parallel-size-local", "-dpl", type=int, default=None)
-    pc.add_argument("--data-parallel-address", "-dpa", type=str, default=None)
-    pc.add_argument("--data-parallel-rpc-port", "-dpp", type=int, default=None)
-    pc.add_argument("--data-parallel-backend", "-dpb", type=str, default="mp")
-    _bool(pc, "--data-parallel-hybrid-lb")
-    _bool(pc, "--enable-expert-parallel", "-ep")
-    _bool(pc, "--enable-eplb")
-    pc.add_argument("--eplb-config", type=json.loads, default=None)
-    pc.add_argument("--max-parallel-loading-workers", type=int, default=None)
-    _bool(pc, "--ray-workers-use-nsight")
-    _bool(pc, "--disable-custom-all-reduce")
-    pc.add_argument("--worker-cls", type=str, default="auto")
-    pc.add_argument("--worker-extension-cls", type=str, default="")
-    _bool(pc, "--enable-multimodal-encoder-data-parallel")
-    # CacheConfig
-    cc = p.add_argument_group("CacheConfig")
-    cc.add_argument("--block-size", type=int, default=None,
-                    choices=(1, 8, 16, 32, 64, 128))
-    cc.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    cc.add_argument("--kv-cache-memory-bytes", "--kv-cache-memory", type=human_readable_int,
-                    default=None)
-    cc.add_argument("--kv-offloading-size", type=float, default=None)
-    cc.add_argument("--kv-offloading-backend", type=str, default=None)
-    cc.add_argument("--swap-space", type=float, default=4)
-    cc.add_argument("--kv-cache-dtype", type=str, default="auto", choices=KV_CACHE_DTYPES)
-    cc.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    _bool(cc, "--enable-prefix-caching", default=None)
-    cc.add_argument("--prefix-caching-hash-algo", type=str, default="sha256",
-                    choices=("sha256", "sha256_cbor"))
-    cc.add_argument("--cpu-offload-gb", type=float, default=0)
-    _bool(cc, "--calculate-kv-scales")
-    cc.add_argument("--kv-sharing-fast-prefill", action="store_true", default=False)
-    cc.add_argument("--mamba-cache-dtype", type=str, default="auto")
-    cc.add_argument("--mamba-ssm-cache-dtype", type=str, default="auto")
-    # MultiModalConfig
-    mm = p.add_argument_group("MultiModalConfig")
-    mm.add_argument("--limit-mm-per-prompt", type=json.loads, default=None)
-    mm.add_argument("--media-io-kwargs", type=json.loads, default=None)
-    mm.add_argument("--mm-processor-kwargs", type=json.loads, default=None)
-    mm.add_argument("--mm-processor-cache-gb", type=float, default=4)
-    _bool(mm, "--disable-mm-preprocessor-cache")
-    mm.add_argument("--mm-encoder-tp-mode", type=str, default="weights")
-    _bool(mm, "--interleave-mm-strings")
-    _bool(mm, "--skip-mm-profiling")
-    # LoRAConfig
-    lo = p.add_argument_group("LoRAConfig")
-    _bool(lo, "--enable-lora", default=None)
-    lo.add_argument("--max-loras", type=int, default=1)
-    lo.add_argument("--max-lora-rank", type=int, default=16)
-    lo.add_argument("--lora-dtype", type=str, default="auto")
-    lo.add_argument("--max-cpu-loras", type=int, default=None)
-    _bool(lo, "--fully-sharded-loras")
-    _bool(lo, "--enable-lora-bias")
-    lo.add_argument("--default-mm-loras", type=json.loads, default=None)
-    # ObservabilityConfig
-    ob = p.add_argument_group("ObservabilityConfig")
-    ob.add_argument("--show-hidden-metrics-for-version", type=str, default=None)
-    ob.add_argument("--otlp-traces-endpoint", type=str, default=None)
-    ob.add_argument("--collect-detailed-traces", type=str, nargs="+", default=None)
-    # SchedulerConfig
-    sc = p.add_argument_group("SchedulerConfig")
-    sc.add_argument("--max-num-batched-tokens", type=human_readable_int, default=None)
-    sc.add_argument("--max-num-seqs", type=int, default=None)
-    sc.add_argument("--max-num-partial-prefills", type=int, default=1)
-    sc.add_argument("--max-long-partial-prefills", type=int, default=1)
-    sc.add_argument("--long-prefill-token-threshold", type=int, default=0)
-    sc.add_argument("--num-lookahead-slots", type=int, default=0)
-    sc.add_argument("--scheduling-policy", type=str, default="fcfs", choices=("fcfs", "priority"))
-    _bool(sc, "--enable-chunked-prefill", default=None)
-    _bool(sc, "--disable-chunked-mm-input")
-    sc.add_argument("--scheduler-cls", type=str, default="vllm.core.scheduler.Scheduler")
-    _bool(sc, "--disable-hybrid-kv-cache-manager")
-    _bool(sc, "--async-scheduling")
-    sc.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None)
-    # VllmConfig
-    vc = p.add_argument_group("VllmConfig")
-    vc.add_argument("--speculative-config", type=json.loads, default=None)
-    vc.add_argument("--kv-transfer-config", type=json.loads, default=None)
-    vc.add_argument("--kv-events-config", type=json.loads, default=None)
-    vc.add_argument("--compilation-config", "-O", type=json.loads, default=None)
-    vc.add_argument("--additional-config", type=json.loads, default=None)
-    vc.add_argument("--structured-outputs-config", type=json.loads, default=None)
-    # AsyncEngineArgs
-    _bool(p, "--disable-log-stats")
-    _bool(p, "--enable-log-requests")
-    _bool(p, "--disable-log-requests", default=True,
-          help="[DEPRECATED] Disable logging requests.")
+    groups: dict[str, argparse._ActionsContainer] = {}
+    for entry in SERVE_FLAGS:
+        title = entry.get("group")
+        where: argparse._ActionsContainer = p
+        if title:
+            where = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        names = (entry["flag"], *entry.get("aliases", ()))
+        kw: dict[str, Any] = {"default": entry.get("default"), "help": entry.get("help")}
+        kind = entry["kind"]
+        if kind == "switch":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind == "store_true":
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _VALUE_TYPES[entry["type"]]
+            if "choices" in entry:
+                kw["choices"] = tuple(entry["choices"])
+            if kind == "values":
+                kw["nargs"] = "+"
+            elif kind == "append":
+                kw["action"] = "append"
+            elif kind == "optional_value":
+                kw["nargs"] = "?"
+                kw["const"] = entry.get("const")
+            elif kind != "value":
+                raise ValueError(f"{FLAGS_FILE}: {entry['flag']} has an unknown kind {kind!r}")
+        where.add_argument(*names, **kw)
 
 
 def preprocess_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:

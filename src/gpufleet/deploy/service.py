@@ -186,7 +186,7 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
         port=spec.port, served_name=spec.name_served, env_file=spec.env_file,
         container=spec.container_name, unit=spec.unit_name, timeout=spec.cold_start_timeout,
     )
-    # seam: release record (issue 5): only reached when the health gate passed
+    # the release record: only reached when the health gate passed
     releases.release_recorded(
         spec=spec, env=secrets.server_env(),
         unit=render_unit(spec, shape.commit if shape else None, plan),

@@ -24,6 +24,12 @@ import yaml
 from pyinfra.api.exceptions import PyinfraError
 
 from gpufleet.model import names, vllm_flags
+from gpufleet.model.spec_fields import (
+    DEFAULTS,
+    FIELDS,
+    SPEC_FIELDS,
+    keys_of_type,
+)
 
 # quantization -> the vLLM flag and value it maps to (None: let vLLM decide)
 QUANTIZATION_FLAGS: dict[str, tuple[str, str] | None] = {
@@ -45,9 +51,6 @@ VLLM_MIN_COMPUTE_CAPABILITY = (7, 0)
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 CGROUP_DRIVERS = ("cgroupfs", "systemd")
-
-NVIDIA_TOOLKIT_REPO_URL = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
-NVIDIA_TOOLKIT_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
 
 # Settings the lab (or a mirror) may point elsewhere through the environment.
 ENVIRONMENT_OVERRIDES = {
@@ -115,34 +118,35 @@ class SpecError(PyinfraError):
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A vLLM service as gpufleet deploys it. Field names are the YAML keys."""
+    """A vLLM service as gpufleet deploys it. Field names are the YAML keys; each default is
+    the one of spec_fields.SPEC_FIELDS (same order)."""
 
     service: str
     model: str
     image: str
-    revision: str = "main"
-    quantization: str = "auto"
-    kv_cache_dtype: str = "auto"
-    port: int = 8000
-    bind_address: str = "0.0.0.0"
-    served_model_name: str | None = None
-    gpu_memory_utilization: float = 0.9
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    enable_prefix_caching: bool = True
-    tensor_parallel_size: int | None = None
-    extra_args: tuple[str, ...] = ()
-    container_env: tuple[tuple[str, str], ...] = ()
-    gpu_count: int = 1
-    min_gpu_memory_mib: int = 0
-    cold_start_timeout: int = 1200
-    models_dir: str = "/opt/models"
-    compile_cache_dir: str = "/opt/vllm-cache"
-    toolkit_version: str = "1.17.8-1"
-    toolkit_repo_url: str = NVIDIA_TOOLKIT_REPO_URL
-    toolkit_key_url: str = NVIDIA_TOOLKIT_KEY_URL
-    docker_cgroup_driver: str | None = "cgroupfs"
-    docker_package: str = "docker.io"
+    revision: str = DEFAULTS["revision"]
+    quantization: str = DEFAULTS["quantization"]
+    kv_cache_dtype: str = DEFAULTS["kv_cache_dtype"]
+    port: int = DEFAULTS["port"]
+    bind_address: str = DEFAULTS["bind_address"]
+    served_model_name: str | None = DEFAULTS["served_model_name"]
+    gpu_memory_utilization: float = DEFAULTS["gpu_memory_utilization"]
+    max_model_len: int | None = DEFAULTS["max_model_len"]
+    max_num_seqs: int | None = DEFAULTS["max_num_seqs"]
+    enable_prefix_caching: bool = DEFAULTS["enable_prefix_caching"]
+    tensor_parallel_size: int | None = DEFAULTS["tensor_parallel_size"]
+    extra_args: tuple[str, ...] = DEFAULTS["extra_args"]
+    container_env: tuple[tuple[str, str], ...] = DEFAULTS["container_env"]
+    gpu_count: int = DEFAULTS["gpu_count"]
+    min_gpu_memory_mib: int = DEFAULTS["min_gpu_memory_mib"]
+    cold_start_timeout: int = DEFAULTS["cold_start_timeout"]
+    models_dir: str = DEFAULTS["models_dir"]
+    compile_cache_dir: str = DEFAULTS["compile_cache_dir"]
+    toolkit_version: str = DEFAULTS["toolkit_version"]
+    toolkit_repo_url: str = DEFAULTS["toolkit_repo_url"]
+    toolkit_key_url: str = DEFAULTS["toolkit_key_url"]
+    docker_cgroup_driver: str | None = DEFAULTS["docker_cgroup_driver"]
+    docker_package: str = DEFAULTS["docker_package"]
 
     # -- derived names -------------------------------------------------------------------------
 
@@ -217,7 +221,9 @@ class ServiceSpec:
 
 
 SPEC_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ServiceSpec))
-_REQUIRED = ("service", "model", "image")
+if SPEC_KEYS != tuple(f.name for f in SPEC_FIELDS):
+    raise AssertionError("ServiceSpec's fields and spec_fields.SPEC_FIELDS differ")
+_REQUIRED = tuple(f.name for f in SPEC_FIELDS if f.required)
 
 
 def _format_float(value: float) -> str:
@@ -401,15 +407,10 @@ def build_spec(
     return spec
 
 
-_INT_KEYS = {"port", "max_model_len", "max_num_seqs", "tensor_parallel_size", "gpu_count",
-             "min_gpu_memory_mib", "cold_start_timeout"}
-_STR_KEYS = {"service", "model", "image", "revision", "quantization", "kv_cache_dtype",
-             "bind_address", "served_model_name", "models_dir", "compile_cache_dir",
-             "toolkit_version", "toolkit_repo_url", "toolkit_key_url", "docker_cgroup_driver",
-             "docker_package"}
+_INT_KEYS = keys_of_type("int")
+_STR_KEYS = keys_of_type("str")
 _PATH_KEYS = ("models_dir", "compile_cache_dir")
-_NULLABLE = {"served_model_name", "max_model_len", "max_num_seqs", "tensor_parallel_size",
-             "docker_cgroup_driver"}
+_NULLABLE = frozenset(f.name for f in SPEC_FIELDS if f.nullable or f.default is None)
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -427,22 +428,23 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,10}", value.strip(), re.ASCII):
             raise fail(f"must be a whole number, got {_show(value)}")
         return int(value)
-    if key == "gpu_memory_utilization":
+    kind = FIELDS[key].type
+    if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise fail(f"must be a number in (0, 1), got {_show(value)}")
         try:
             return float(value)
         except ValueError:
             raise fail(f"must be a number in (0, 1), got {_show(value)}") from None
-    if key == "enable_prefix_caching":
+    if kind == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
             return value.lower() in ("true", "yes")
         raise fail(f"must be true or false, got {_show(value)}")
-    if key == "extra_args":
+    if kind == "args":
         return _coerce_extra_args(value, fail)
-    if key == "container_env":
+    if kind == "env":
         return _coerce_container_env(value, fail)
     if key in _STR_KEYS:
         # pyinfra's --data turns digits into an int (revision=1234567): take it back as text;
@@ -635,7 +637,14 @@ def _validate(spec: ServiceSpec, source: str) -> None:
         fail("served_model_name", f"must be letters, digits and '.', '_', ':', '/', '+', '-' "
                                   f"(at most 128, starting with a letter or digit), "
                                   f"got {_show(spec.served_model_name)}")
-    for name, _ in spec.container_env:
+    _validate_container_env(spec.container_env, fail)
+    problem = vllm_flags.check_extra_args(spec.extra_args)
+    if problem:
+        fail("extra_args", problem)
+
+
+def _validate_container_env(env: tuple[tuple[str, str], ...], fail: Any) -> None:
+    for name, _ in env:
         if not _ENV_NAME.fullmatch(name):
             fail("container_env", f"has an invalid variable name {_show(name)} (letters, digits "
                                   "and '_', not starting with a digit)")
@@ -647,9 +656,6 @@ def _validate(spec: ServiceSpec, source: str) -> None:
         if upper in RESERVED_ENV:
             fail("container_env", f"must not set {name}: gpufleet sets it (the container reads "
                                   "the weights staged at the pinned commit, offline)")
-    problem = vllm_flags.check_extra_args(spec.extra_args)
-    if problem:
-        fail("extra_args", problem)
 
 
 def _valid_model_id(model: str) -> bool:

@@ -1,15 +1,19 @@
 """The command-line flags of ``vllm serve`` in the pinned image, to catch misspellings early.
 
 vLLM rejects an unknown flag only when the container starts, minutes into a deploy and after the
-old server was stopped. gpufleet checks ``extra_args`` on the controller instead. The list below
-is the ``vllm serve`` flag set of vLLM v0.11 (engine args + OpenAI server args); flags the spec
-owns are refused in ``extra_args`` so there is one place for each setting.
+old server was stopped. gpufleet checks ``extra_args`` on the controller instead, against the
+``vllm serve`` flag set of vLLM v0.11 (engine args + OpenAI server args) in
+``vllm_serve_flags.json``; flags the spec owns are refused in ``extra_args`` so there is one
+place for each setting.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import re
+from importlib import resources
+from typing import Any
 
 # Flags that the spec sets itself: pass them through spec keys, not extra_args.
 SPEC_OWNED: dict[str, str] = {
@@ -35,90 +39,55 @@ SPEC_OWNED: dict[str, str] = {
 # Secrets never go on a command line (they would show in `ps` and the unit file).
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
-# How vLLM v0.11's argparse takes each flag (vllm/engine/arg_utils.py, vllm/entrypoints/openai/
-# cli_args.py, vllm/entrypoints/cli/serve.py). In v0.11 a bool field of the engine and frontend
+# How vLLM v0.11's argparse takes each flag: the data file vllm_serve_flags.json next to this
+# module (also read by the lab's stand-in vLLM). In v0.11 a bool field of the engine and frontend
 # dataclasses becomes an ``argparse.BooleanOptionalAction`` (``--x`` and ``--no-x``, no value);
 # a list field takes one or more values (``nargs="+"``); everything else takes exactly one value.
+FLAGS_FILE = "vllm_serve_flags.json"
 SWITCH = "switch"          # BooleanOptionalAction: --x / --no-x, never a value
 STORE_TRUE = "store_true"  # --x only (no --no-x), never a value
 VALUE = "value"            # exactly one value: --x V or --x=V
 VALUES = "values"          # nargs="+": one or more values (--x=V gives exactly one)
+APPEND = "append"          # one value, and the flag may repeat (checked like VALUE)
+OPTIONAL_VALUE = "optional_value"  # nargs="?" (only --hf-token, a secret: always refused)
+KINDS = (SWITCH, STORE_TRUE, VALUE, VALUES, APPEND, OPTIONAL_VALUE)
 
-FLAG_TABLE: dict[str, tuple[str, ...]] = {
-    SWITCH: (
-        # frontend
-        "--disable-uvicorn-access-log", "--allow-credentials", "--enable-ssl-refresh",
-        "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing",
-        "--enable-request-id-headers", "--enable-auto-tool-choice", "--disable-fastapi-docs",
-        "--enable-prompt-tokens-details", "--enable-server-load-tracking",
-        "--enable-force-include-usage", "--enable-tokenizer-info-endpoint", "--enable-log-outputs",
-        "--disable-log-requests", "--enable-log-requests",
-        # model, load, parallel
-        "--trust-remote-code", "--disable-sliding-window", "--disable-cascade-attn",
-        "--skip-tokenizer-init", "--enable-prompt-embeds", "--enforce-eager", "--enable-sleep-mode",
-        "--use-tqdm-on-load", "--data-parallel-hybrid-lb", "--enable-expert-parallel",
-        "--enable-eplb", "--ray-workers-use-nsight", "--disable-custom-all-reduce",
-        "--enable-multimodal-encoder-data-parallel",
-        # cache, multimodal, lora, scheduler
-        "--calculate-kv-scales", "--disable-mm-preprocessor-cache", "--interleave-mm-strings",
-        "--skip-mm-profiling", "--enable-lora", "--enable-lora-bias", "--fully-sharded-loras",
-        "--enable-chunked-prefill", "--disable-chunked-mm-input",
-        "--disable-hybrid-kv-cache-manager", "--async-scheduling",
-    ),
-    # added by hand with action="store_true" (no --no- form); when unsure, the narrower kind
-    STORE_TRUE: ("--headless", "--disable-log-stats", "--kv-sharing-fast-prefill"),
-    VALUES: (
-        "--lora-modules", "--logits-processors", "--ignore-patterns", "--cuda-graph-sizes",
-        "--collect-detailed-traces",
-    ),
-    VALUE: (
-        # OpenAI-compatible server
-        "--uvicorn-log-level", "--allowed-origins", "--allowed-methods", "--allowed-headers",
-        "--chat-template", "--chat-template-content-format", "--response-role", "--ssl-keyfile",
-        "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--root-path", "--middleware",
-        "--tool-call-parser", "--tool-parser-plugin", "--reasoning-parser", "--log-config-file",
-        "--max-log-len", "--api-server-count", "--config", "--h11-max-incomplete-event-size",
-        "--h11-max-header-count", "--uds",
-        # model
-        "--task", "--runner", "--convert", "--tokenizer", "--tokenizer-mode", "--seed",
-        "--hf-config-path", "--allowed-local-media-path", "--code-revision", "--rope-scaling",
-        "--rope-theta", "--tokenizer-revision", "--max-logprobs", "--logprobs-mode",
-        "--hf-overrides", "--max-seq-len-to-capture", "--generation-config",
-        "--override-generation-config", "--model-impl", "--override-attention-dtype",
-        "--io-processor-plugin", "--pooler-config", "--override-pooler-config",
-        # load
-        "--load-format", "--model-loader-extra-config", "--pt-load-map-location",
-        "--safetensors-load-strategy",
-        # parallel
-        "--pipeline-parallel-size", "--data-parallel-size", "--data-parallel-rank",
-        "--data-parallel-size-local", "--data-parallel-address", "--data-parallel-rpc-port",
-        "--data-parallel-backend", "--eplb-config", "--max-parallel-loading-workers",
-        "--worker-cls", "--worker-extension-cls", "--distributed-executor-backend",
-        "--decode-context-parallel-size", "--data-parallel-start-rank",
-        # cache
-        "--block-size", "--swap-space", "--cpu-offload-gb", "--kv-cache-memory",
-        "--mamba-cache-dtype", "--mamba-ssm-cache-dtype", "--prefix-caching-hash-algo",
-        "--num-gpu-blocks-override", "--kv-offloading-size", "--kv-offloading-backend",
-        # multimodal, lora
-        "--limit-mm-per-prompt", "--media-io-kwargs", "--mm-processor-kwargs",
-        "--mm-processor-cache-gb", "--mm-encoder-tp-mode", "--max-loras", "--max-lora-rank",
-        "--lora-dtype", "--max-cpu-loras", "--default-mm-loras",
-        # scheduler
-        "--max-num-batched-tokens", "--max-num-partial-prefills", "--max-long-partial-prefills",
-        "--long-prefill-token-threshold", "--num-lookahead-slots", "--scheduling-policy",
-        "--scheduler-cls",
-        # observability, compilation, misc
-        "--show-hidden-metrics-for-version", "--otlp-traces-endpoint", "--speculative-config",
-        "--kv-transfer-config", "--kv-events-config", "--compilation-config",
-        "--additional-config", "--structured-outputs-config", "--reasoning-parser-plugin",
-        "--guided-decoding-backend",
-    ),
-}
 
+def load_serve_flags() -> list[dict[str, Any]]:
+    """The entries of vllm_serve_flags.json: ``flag``, ``kind``, optional ``aliases`` (and how
+    the stand-in parses the value)."""
+    text = resources.files(__package__).joinpath(FLAGS_FILE).read_text(encoding="utf-8")
+    flags: list[dict[str, Any]] = json.loads(text)["flags"]
+    for entry in flags:
+        if entry["kind"] not in KINDS:
+            raise ValueError(f"{FLAGS_FILE}: {entry['flag']} has an unknown kind {entry['kind']!r}")
+    return flags
+
+
+def _not_extra(flag: str) -> bool:
+    """Flags extra_args never carries (checked, with their own message, before the set)."""
+    return flag in SPEC_OWNED or flag in SECRET_FLAGS
+
+
+def _flag_table(entries: list[dict[str, Any]]) -> dict[str, tuple[str, ...]]:
+    table: dict[str, list[str]] = {}
+    for entry in entries:
+        if not _not_extra(entry["flag"]):
+            kind = VALUE if entry["kind"] == APPEND else entry["kind"]
+            table.setdefault(kind, []).append(entry["flag"])
+    return {kind: tuple(flags) for kind, flags in table.items()}
+
+
+def _aliases(entries: list[dict[str, Any]]) -> dict[str, str]:
+    return {alias: entry["flag"] for entry in entries for alias in entry.get("aliases", ())
+            if not _not_extra(alias) and not _not_extra(entry["flag"])}
+
+
+_SERVE_FLAGS = load_serve_flags()
+# kind -> the flags extra_args may carry
+FLAG_TABLE: dict[str, tuple[str, ...]] = _flag_table(_SERVE_FLAGS)
 # short spellings (a single-dash alias never gets a --no- form)
-ALIASES: dict[str, str] = {
-    "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size", "-O": "--compilation-config",
-}
+ALIASES: dict[str, str] = _aliases(_SERVE_FLAGS)
 
 
 def _flag_kinds() -> dict[str, str]:
@@ -130,6 +99,8 @@ def _flag_kinds() -> dict[str, str]:
                 kinds["--no-" + flag[2:]] = SWITCH
     for alias, flag in ALIASES.items():
         kinds[alias] = kinds[flag]
+        if kinds[flag] == SWITCH and alias.startswith("--"):
+            kinds["--no-" + alias[2:]] = SWITCH
     return kinds
 
 

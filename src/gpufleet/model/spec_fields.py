@@ -1,0 +1,147 @@
+"""The keys of the service spec, one row each: name, type, default, what is checked, meaning.
+
+``spec.py`` takes the dataclass defaults, the type dispatch of its validation and the list of
+required and nullable keys from this table; ``scripts/readme_spec_table.py`` renders README.md's
+spec table from it (a unit test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+NVIDIA_TOOLKIT_REPO_URL = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
+NVIDIA_TOOLKIT_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
+
+# how a value is read (spec.py's _coerce): these names, and what the README calls them
+TYPES: dict[str, str] = {
+    "str": "string",
+    "int": "whole number",
+    "float": "number",
+    "bool": "boolean",
+    "args": "list of strings",
+    "env": "mapping of strings",
+}
+
+REQUIRED = object()  # the default of a key the spec must set
+
+
+@dataclass(frozen=True)
+class SpecField:
+    name: str
+    type: str                 # a key of TYPES
+    default: Any              # REQUIRED, or the value a spec without the key gets
+    check: str                # what validation allows (markdown)
+    doc: str                  # what the key means (markdown)
+    nullable: bool = False    # null is a value (not only the default)
+    shown_default: str = ""   # the default as the README says it, when not the value itself
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def default_text(self) -> str:
+        if self.shown_default:
+            return self.shown_default
+        if self.required:
+            return "required"
+        if self.type == "bool":
+            return f"`{str(self.default).lower()}`"
+        if self.type == "args":
+            return "`[]`"
+        if self.type == "env":
+            return "`{}`"
+        return f"`{self.default}`"
+
+
+_DIR_RULES = ("an absolute directory of its own, normalized (`/srv/a/../b` is `/srv/b`), letters, "
+              "digits and `._-+@/`; `/`, top-level system directories (`/opt`, `/root`, "
+              "`/var/lib`, ...) and anything under `/usr`, `/etc`, `/proc`, `/sys`, `/dev`, "
+              "`/boot`, `/bin`, `/lib*` are refused")
+
+SPEC_FIELDS: tuple[SpecField, ...] = (
+    SpecField("service", "str", REQUIRED, "`a-z`, `0-9`, `-`, at most 40",
+              "name: unit `gpufleet-<service>.service`, container `gpufleet-<service>`, env file "
+              "`/etc/gpufleet/<service>.env`"),
+    SpecField("model", "str", REQUIRED, "`organisation/name` (letters, digits, `-_.`)",
+              "Hugging Face model id"),
+    SpecField("image", "str", REQUIRED, "a tag other than `latest`, or a digest",
+              "vLLM image, pinned"),
+    SpecField("revision", "str", "main", "a git ref or commit (letters, digits, `._/-`)",
+              "branch, tag or commit of the model repository (`--revision`)"),
+    SpecField("quantization", "str", "auto", "`auto`, `fp16`, `bf16`, `fp8`, `awq`, `gptq`",
+              "`fp16`/`bf16`: `--dtype float16/bfloat16`; `fp8`, `awq`, `gptq`: "
+              "`--quantization`"),
+    SpecField("kv_cache_dtype", "str", "auto", "`auto`, `fp8`, `fp8_e4m3`, `fp8_e5m2`",
+              "`--kv-cache-dtype`"),
+    SpecField("port", "int", 8000, "1–65535, not 22", "port vLLM serves on"),
+    SpecField("bind_address", "str", "0.0.0.0", "an IP address",
+              "host address the port is published on (`127.0.0.1` for local-only)"),
+    SpecField("served_model_name", "str", None,
+              "letters, digits, `._:/+-`, at most 128", "the name clients ask for",
+              nullable=True, shown_default="the model id"),
+    SpecField("gpu_memory_utilization", "float", 0.9, "strictly between 0 and 1",
+              "share of each GPU vLLM pre-allocates"),
+    SpecField("max_model_len", "int", None, "at least 1", "context length", nullable=True,
+              shown_default="model's"),
+    SpecField("max_num_seqs", "int", None, "at least 1", "concurrent sequences", nullable=True,
+              shown_default="vLLM's"),
+    SpecField("enable_prefix_caching", "bool", True, "`true` or `false`",
+              "`--enable-prefix-caching` / `--no-enable-prefix-caching`"),
+    SpecField("tensor_parallel_size", "int", None, "at least 1, at most `gpu_count`",
+              "`--tensor-parallel-size` when above 1", nullable=True,
+              shown_default="`gpu_count`"),
+    SpecField("extra_args", "args", (),
+              "as vLLM v0.11's argparse takes them: known flags only, a value after each flag "
+              "that takes one (`--x V`, `--x=V`) and after no switch (`--enforce-eager`, "
+              "`--no-enforce-eager`), no bare words; flags the spec owns and secrets are "
+              "refused", "more `vllm serve` flags"),
+    SpecField("container_env", "env", (),
+              "string names and string values (`VLLM_PORT: \"8001\"`), one line each; names "
+              "gpufleet sets (`HF_HUB_OFFLINE`, `HF_HOME`, `HF_HUB_CACHE`, "
+              "`HUGGINGFACE_HUB_CACHE`, `TRANSFORMERS_OFFLINE`, `HF_ENDPOINT`) and secrets "
+              "(`*TOKEN*`, `*SECRET*`, `*KEY*`, `*PASSWORD*`) are refused",
+              "extra environment of the container"),
+    SpecField("gpu_count", "int", 1, "at least 1", "GPUs a host must have"),
+    SpecField("min_gpu_memory_mib", "int", 0, "not negative", "memory each GPU must have"),
+    SpecField("cold_start_timeout", "int", 1200, "at least 10",
+              "seconds to wait for `/health` after a (re)start"),
+    SpecField("models_dir", "str", "/opt/models", _DIR_RULES,
+              "Hugging Face cache on the host; created (root, 0755) when missing, an existing "
+              "one is never re-permissioned"),
+    SpecField("compile_cache_dir", "str", "/opt/vllm-cache", _DIR_RULES,
+              "vLLM's torch.compile cache on the host (`/root/.cache/vllm`), created like "
+              "`models_dir`"),
+    SpecField("toolkit_version", "str", "1.17.8-1", "a Debian package version",
+              "version of the four NVIDIA container toolkit packages"),
+    SpecField("toolkit_repo_url", "str", NVIDIA_TOOLKIT_REPO_URL,
+              "an http(s) URL (no spaces, quotes or backslashes)",
+              "apt repository (`GPUFLEET_TOOLKIT_REPO_URL` in the environment overrides it)",
+              shown_default="NVIDIA's `stable/deb/$(ARCH)`"),
+    SpecField("toolkit_key_url", "str", NVIDIA_TOOLKIT_KEY_URL,
+              "an http(s) URL (no spaces, quotes or backslashes)",
+              "its signing key (`GPUFLEET_TOOLKIT_KEY_URL` overrides it)",
+              shown_default="NVIDIA's `gpgkey`"),
+    SpecField("docker_cgroup_driver", "str", "cgroupfs", "`cgroupfs`, `systemd` or `null`",
+              "`exec-opts` cgroup driver written to daemon.json (`null`: leave alone)",
+              nullable=True),
+    SpecField("docker_package", "str", "docker.io", "a Debian package name",
+              "package installed when docker is missing"),
+)
+
+FIELDS: dict[str, SpecField] = {f.name: f for f in SPEC_FIELDS}
+# the dataclass defaults (required keys have none)
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in SPEC_FIELDS if not f.required}
+
+
+def keys_of_type(kind: str) -> frozenset[str]:
+    return frozenset(f.name for f in SPEC_FIELDS if f.type == kind)
+
+
+def markdown_table() -> str:
+    """README.md's spec table: one row per key, in the table's order."""
+    rows = ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+    for f in SPEC_FIELDS:
+        kind = TYPES[f.type] + (" or null" if f.nullable else "")
+        rows.append(f"| `{f.name}` | {kind} | {f.default_text()} | {f.check} | {f.doc} |")
+    return "\n".join(rows) + "\n"
