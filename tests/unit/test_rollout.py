@@ -357,3 +357,26 @@ def test_a_lost_hosts_dying_greenlet_does_not_fail_its_batch_mates(deploy_file, 
     assert report.host("@fake/gpu-02").result == rollout.HEALTHY
     assert report.host("@fake/gpu-03").result == rollout.ROLLBACK_FAILED
     assert ["@fake/gpu-02"] in calls  # deployed again on its own
+
+
+def test_the_gpufleet_command_patches_gevent_before_pyinfra_is_imported():
+    """The hosts of a batch run at once only on gevent-patched sockets: ``gpufleet`` patches
+    when its module is imported (as pyinfra's CLI does), in its own process: no re-exec."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import gpufleet.cli.main
+        late = [str(w.message) for w in caught if "Monkey-patching" in str(w.message)]
+        assert not late, late
+        from gevent import monkey
+        assert all(monkey.is_module_patched(m) for m in ("socket", "ssl", "threading"))
+        import gpufleet.cli.fleet as cli
+        assert not hasattr(cli, "_BOOT") and not hasattr(cli, "_respawn")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
