@@ -26,7 +26,13 @@ from gpufleet.fleet import session as fleet_session
 from gpufleet.fleet.deploy_results import results_of
 from gpufleet.fleet.progress import Progress, failure_reason
 from gpufleet.fleet.report import Events
-from gpufleet.fleet.watchdog import MissedProbes, close_connection, probe_all
+from gpufleet.fleet.watchdog import (
+    PROBE_INTERVAL,
+    PROBE_MISSES,
+    MissedProbes,
+    close_connection,
+    probe_all,
+)
 from gpufleet.model import release as releases
 from gpufleet.model.release import Release
 
@@ -45,8 +51,8 @@ class Watch:
     """How the watchdog probes: ``probe(host)`` every ``interval`` s, lost after ``misses``."""
 
     probe: Callable[[Host], bool]
-    interval: float = 2.0
-    misses: int = 3
+    interval: float = PROBE_INTERVAL
+    misses: int = PROBE_MISSES
 
 
 class BatchRunner:

@@ -36,6 +36,8 @@ from pyinfra.context import ctx_host, ctx_state
 
 from gpufleet.fleet.progress import Progress
 from gpufleet.fleet.watchdog import (
+    PROBE_INTERVAL,
+    PROBE_MISSES,
     MissedProbes,
     Probe,
     close_connection,
@@ -44,8 +46,6 @@ from gpufleet.fleet.watchdog import (
     tcp_probe,
 )
 
-PROBE_INTERVAL = 2.0
-PROBE_MISSES = 3
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONNECTION_ERRORS = ("Command socket/SSH error: ", "Command timed out", "Command IO error: ")
 

@@ -80,7 +80,7 @@ from gpufleet.fleet.report import (
     Silent,
 )
 from gpufleet.fleet.session import load_inventory
-from gpufleet.fleet.watchdog import host_answers
+from gpufleet.fleet.watchdog import PROBE_INTERVAL, PROBE_MISSES, host_answers
 from gpufleet.model import names
 from gpufleet.model import release as releases
 from gpufleet.model.spec import SPEC_KEYS
@@ -108,8 +108,8 @@ class Options:
     confirm: Callable[[Report], bool] | None = None  # None: go ahead (--yes)
     plan_only: bool = False  # preflight and plan, change nothing (--json without --yes)
     connect_timeout: int = 10
-    probe_interval: float = 2.0
-    probe_misses: int = 3
+    probe_interval: float = PROBE_INTERVAL
+    probe_misses: int = PROBE_MISSES
 
     def as_report_options(self) -> dict[str, Any]:
         """The options as the report and the audit log keep them (``--data`` values other

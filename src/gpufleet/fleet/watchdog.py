@@ -19,6 +19,8 @@ Address = tuple[str, int]
 Probe = Callable[[Address | None], bool]
 T = TypeVar("T")
 
+PROBE_INTERVAL = 2.0  # seconds between two rounds of probes
+PROBE_MISSES = 3  # missed probes in a row after which a host is lost
 PROBE_TIMEOUT = 2.0  # seconds one probe waits for the SSH port
 ROUND_TIMEOUT = 30.0  # seconds one round of probes over many hosts may take
 
