@@ -14,7 +14,7 @@ from gpufleet.fleet import lost_hosts
 OP = "op-hash-1"
 
 
-class SSHConnector:  # what the rollout's _address looks for
+class SSHConnector:  # what watchdog.ssh_address looks for
     pass
 
 
@@ -144,8 +144,9 @@ def test_registered_once_per_state():
 
 
 def test_in_a_rollout_the_driver_watches_not_the_reporter():
-    from gpufleet.fleet import rollout
+    from gpufleet.fleet.progress import Progress
+    from gpufleet.fleet.report import Silent
 
     state = State.__new__(State)
-    state.callback_handlers = [rollout._Live(rollout.Silent(), "deploying")]
+    state.callback_handlers = [Progress(Silent(), "deploying")]
     assert lost_hosts.register(state).watch is False

@@ -78,11 +78,13 @@ from pyinfra.operations import server
 from gpufleet.operations import release_records as releases
 from gpufleet.model.secrets import Secret
 from gpufleet.model.spec import build_spec
+from gpufleet.fleet.deploy_results import DeployResult, hand_back
 
 spec = build_spec({spec!r}, overrides={{"quantization": host.data.get("quantization", "fp8")}})
 server.shell(name="Restart the service", commands=["systemctl restart gpufleet-llama3"])
-server.shell(name="Endpoint answers on :8000", commands=["fake-health-gate"])
-releases.release_recorded(spec=spec, unit="unit " + spec.quantization, env=Secret("x"))
+gate = server.shell(name="Endpoint answers on :8000", commands=["fake-health-gate"])
+release = releases.release_recorded(spec=spec, unit="unit " + spec.quantization, env=Secret("x"))
+hand_back(DeployResult(health_gate=gate, release=release))
 """
 OLD_UNIT = "unit fp8"
 
@@ -335,7 +337,9 @@ def test_a_lost_hosts_dying_greenlet_does_not_fail_its_batch_mates(deploy_file, 
     (EOFError from paramiko): the batch mates are deployed again, not failed with it."""
     import gevent
 
-    real_run_ops = rollout.run_ops
+    from gpufleet.fleet import batch_run
+
+    real_run_ops = batch_run.run_ops
     calls = []
 
     def run_ops(state, *args, **kwargs):
@@ -346,10 +350,33 @@ def test_a_lost_hosts_dying_greenlet_does_not_fail_its_batch_mates(deploy_file, 
             raise EOFError()
         return real_run_ops(state, *args, **kwargs)
 
-    monkeypatch.setattr(rollout, "run_ops", run_ops)
+    monkeypatch.setattr(batch_run, "run_ops", run_ops)
     driver, events = lost_fleet_driver()
     driver.opts.deploy = str(deploy_file)
     report = driver.run()
     assert report.host("@fake/gpu-02").result == rollout.HEALTHY
     assert report.host("@fake/gpu-03").result == rollout.ROLLBACK_FAILED
     assert ["@fake/gpu-02"] in calls  # deployed again on its own
+
+
+def test_the_gpufleet_command_patches_gevent_before_pyinfra_is_imported():
+    """The hosts of a batch run at once only on gevent-patched sockets: ``gpufleet`` patches
+    when its module is imported (as pyinfra's CLI does), in its own process: no re-exec."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent("""
+        import sys, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import gpufleet.cli.main
+        late = [str(w.message) for w in caught if "Monkey-patching" in str(w.message)]
+        assert not late, late
+        from gevent import monkey
+        assert all(monkey.is_module_patched(m) for m in ("socket", "ssl", "threading"))
+        import gpufleet.cli.fleet as cli
+        assert not hasattr(cli, "_BOOT") and not hasattr(cli, "_respawn")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr

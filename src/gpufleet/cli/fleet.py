@@ -1,9 +1,7 @@
 """``gpufleet rollout``, ``gpufleet rollback`` and ``gpufleet releases``.
 
-pyinfra's hosts run in gevent greenlets; without gevent's monkey-patching (done before
-paramiko is imported, as pyinfra's own CLI does) the hosts of a batch would wait for each
-other. ``gpufleet``'s entry point has imported pyinfra already, so these commands run in a
-fresh interpreter that patches first (``_respawn``); the exit status is passed through.
+pyinfra's hosts run in gevent greenlets: the hosts of a batch run at once only under gevent's
+monkey-patching, which ``gpufleet.cli.main`` does when it is imported, before pyinfra is.
 """
 
 from __future__ import annotations
@@ -11,22 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from gpufleet.fleet.rollout import Options
 
 EXIT_STATUSES = """exit status: 0 completed, every host healthy; 1 completed with failed hosts
 within --max-failed; 2 bad input or not confirmed; 3 aborted (failed hosts rolled back,
 later batches untouched); 4 unreachable hosts at the start (nothing changed); 5 locked by
 another run (nothing changed)"""
-
-_BOOT = ("from gevent import monkey; monkey.patch_all()\n"
-         "import sys\n"
-         "from gpufleet.cli.fleet import run_json\n"
-         "sys.exit(run_json(sys.argv[1]))\n")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -85,70 +79,53 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry from ``gpufleet``'s parser."""
-    doc = {k: v for k, v in vars(args).items() if k != "func"}
-    from gevent import monkey
-
-    if monkey.is_module_patched("socket"):
-        return run(doc)
-    return _respawn(doc)
-
-
-def _respawn(doc: dict[str, Any]) -> int:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
-    proc = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(doc)], env=env)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # the child got it too: it releases its locks, wait for it
-            continue
-
-
-def run_json(text: str) -> int:
-    return run(json.loads(text))
-
-
-def run(doc: dict[str, Any]) -> int:
+    """Entry from ``gpufleet``'s parser: run the command, print its report, return its exit
+    status (130 when interrupted: the run released its locks on the way out)."""
     from gpufleet.cli.data import DataError, parse_data
     from gpufleet.fleet import rollout
+    from gpufleet.fleet.report import USAGE, RolloutError
 
     os.environ.setdefault("PYINFRA_PROGRESS", "off")
     _quiet_pyinfra()
     out = sys.stdout
-    live = Printer(sys.stderr if doc.get("json") else sys.stdout)
+    live = Printer(sys.stderr if args.json else sys.stdout)
     try:
-        data = parse_data(doc.get("data") or [])
-        if doc["command"] == "releases":
-            return _releases(doc, data, out)
-        opts = rollout.Options(
-            command=doc["command"], inventory=doc["inventory"], deploy=doc.get("deploy"),
-            data=data, canary=doc.get("canary", 0), batch=doc.get("batch", "25%"),
-            pause=doc.get("pause", 0.0), max_failed=doc.get("max_failed", 0),
-            skip_unreachable=doc.get("skip_unreachable", False), order=doc.get("order"),
-            limit=doc.get("limit") or None, break_lock=doc.get("break_lock", False),
-            wait=doc.get("wait", 0.0),
-            to_release=doc.get("to_release"), service=doc.get("service"),
-        )
-        if not doc.get("yes"):
-            if doc.get("json"):
-                opts.plan_only = True
-            else:
-                opts.confirm = _ask
-        report = rollout.Driver(opts, live).run()
-    except (rollout.RolloutError, DataError) as e:
-        print(f"gpufleet {doc['command']}: {e}", file=sys.stderr)
-        return rollout.USAGE
+        data = parse_data(args.data or [])
+        if args.command == "releases":
+            return _releases(args, data, out)
+        report = rollout.Driver(_options(args, data), live).run()
+    except (RolloutError, DataError) as e:
+        print(f"gpufleet {args.command}: {e}", file=sys.stderr)
+        return USAGE
     except KeyboardInterrupt:
-        print(f"gpufleet {doc['command']}: interrupted (locks released)", file=sys.stderr)
+        print(f"gpufleet {args.command}: interrupted (locks released)", file=sys.stderr)
         return 130
-    if doc.get("json"):
+    if args.json:
         json.dump(report.as_dict(), out, indent=2)
         out.write("\n")
     else:
         print_report(report, out)
     return report.exit_code
+
+
+def _options(args: argparse.Namespace, data: dict[str, Any]) -> Options:
+    """The driver's options from the command line (a rollback has no canary, a rollout no
+    ``--to``/``--service``)."""
+    from gpufleet.fleet import rollout
+
+    opts = rollout.Options(
+        command=args.command, inventory=args.inventory, deploy=getattr(args, "deploy", None),
+        data=data, canary=getattr(args, "canary", 0), batch=args.batch, pause=args.pause,
+        max_failed=args.max_failed, skip_unreachable=args.skip_unreachable, order=args.order,
+        limit=args.limit or None, break_lock=args.break_lock, wait=args.wait,
+        to_release=getattr(args, "to_release", None), service=getattr(args, "service", None),
+    )
+    if not args.yes:
+        if args.json:
+            opts.plan_only = True
+        else:
+            opts.confirm = _ask
+    return opts
 
 
 def _quiet_pyinfra() -> None:
@@ -223,12 +200,12 @@ def print_report(report: Any, out: TextIO) -> None:
                   "answer at the end (its lock went with the connection)\n")
 
 
-def _releases(doc: dict[str, Any], data: dict[str, Any], out: TextIO) -> int:
-    from gpufleet.fleet import rollout
+def _releases(args: argparse.Namespace, data: dict[str, Any], out: TextIO) -> int:
+    from gpufleet.fleet.releases_listing import list_releases
 
-    service, rows = rollout.list_releases(doc["inventory"], service=doc.get("service"),
-                                          data=data, limit=doc.get("limit") or None)
-    if doc.get("json"):
+    service, rows = list_releases(args.inventory, service=args.service, data=data,
+                                  limit=args.limit or None)
+    if args.json:
         json.dump({"service": service, "hosts": rows}, out, indent=2)
         out.write("\n")
         return 0
@@ -237,15 +214,19 @@ def _releases(doc: dict[str, Any], data: dict[str, Any], out: TextIO) -> int:
         if "error" in r:
             table.append((r["host"], "-", "-", "-", "-", r["error"]))
             continue
-        note = []
-        if r.get("drift"):
-            note.append("unit differs from current (a deploy did not finish)")
-        if r.get("lock"):
-            holder = r["lock"] or {}
-            note.append(f"locked by {holder.get('who', '?')} ({holder.get('command', '?')} "
-                        f"{holder.get('id', '?')}, since {holder.get('started', '?')})")
         table.append((r["host"], _short(r["current"]), _short(r["previous"]),
-                      _short(r["created"]), _short(r["quantization"]), "; ".join(note)))
+                      _short(r["created"]), _short(r["quantization"]), _release_note(r)))
     out.write(f"service {service}\n")
     _table(table, out)
     return 0
+
+
+def _release_note(row: dict[str, Any]) -> str:
+    note = []
+    if row.get("drift"):
+        note.append("unit differs from current (a deploy did not finish)")
+    if row.get("lock"):
+        holder = row["lock"] or {}
+        note.append(f"locked by {holder.get('who', '?')} ({holder.get('command', '?')} "
+                    f"{holder.get('id', '?')}, since {holder.get('started', '?')})")
+    return "; ".join(note)

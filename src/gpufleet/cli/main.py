@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shlex
-import sys
-from pathlib import Path
+# gevent's monkey-patching first, before pyinfra and paramiko are imported, as pyinfra's own CLI
+# does: a rollout's hosts run in greenlets, which wait for each other on unpatched sockets
+from gevent import monkey
 
-from pyinfra.api.exceptions import PyinfraError
+monkey.patch_all()
 
-from gpufleet.cli.data import parse_data
-from gpufleet.model import secrets
-from gpufleet.model.spec import SPEC_KEYS, check_data_keys, load_spec
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pyinfra.api.exceptions import PyinfraError  # noqa: E402
+
+from gpufleet.cli.data import parse_data  # noqa: E402
+from gpufleet.model import secrets  # noqa: E402
+from gpufleet.model.spec import SPEC_KEYS, check_data_keys, load_spec  # noqa: E402
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from gpufleet.deploy import unit_file as render
 from gpufleet.facts.nvidia import NvidiaGpus
 from gpufleet.fleet import lost_hosts
 from gpufleet.fleet import run_lock as hostlock
+from gpufleet.fleet.deploy_results import DeployResult, hand_back
 from gpufleet.model import names
 from gpufleet.model import secrets as service_secrets
 from gpufleet.model.model_shape import ModelShape
@@ -103,12 +104,15 @@ def render_unit(spec: ServiceSpec, commit: str | None = None,
 @deploy("vLLM service")
 def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
                  shape: ModelShape | None = None, plan: planner.Plan | None = None,
-                 hub_endpoint: str | None = None) -> None:
+                 hub_endpoint: str | None = None) -> DeployResult:
     """Take one GPU host from bare VM to a verified vLLM endpoint. Every step is idempotent.
 
     With ``shape`` (the model as the Hub describes it, revision resolved) the weights are staged
     before the service (re)starts and vLLM runs offline at that commit; with ``plan`` (this
     host's GPUs x the spec) the sizing flags come from the plan and a refused plan fails the host.
+
+    Returns the release it records and its health gate (the endpoint check), also handed back
+    to a rollout driver that runs this deploy (``gpufleet.fleet.deploy_results``).
     """
     refusal = None
     if plan is not None and not plan.fits:
@@ -181,18 +185,19 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
         name=f"{spec.unit_name} enabled and running", service=spec.unit_name,
         running=True, enabled=True,
     )
-    vllm.endpoint_verified(
+    health_gate = vllm.endpoint_verified(
         name=f"Endpoint answers on :{spec.port} as {spec.name_served!r}",
         port=spec.port, served_name=spec.name_served, env_file=spec.env_file,
         container=spec.container_name, unit=spec.unit_name, timeout=spec.cold_start_timeout,
     )
-    # the release record: only reached when the health gate passed
-    releases.release_recorded(
+    # only reached when the health gate passed: a release that never answered is never current
+    release = releases.release_recorded(
         spec=spec, env=secrets.server_env(),
         unit=render_unit(spec, shape.commit if shape else None, plan),
         revision=shape.commit if shape else None,
         flags=vllm_args(spec, shape.commit if shape else None, plan),
     )
+    return hand_back(DeployResult(health_gate=health_gate, release=release))
 
 
 def load_host_spec(spec_path: str | Path, environ: dict[str, str] | None = None) -> ServiceSpec:

@@ -5,17 +5,17 @@ was powered off mid-command is not reported at all: the command waits on a TCP c
 nobody answers any more). :func:`register` adds, once per pyinfra ``State``, a callback handler
 that
 
-* watches the SSH port of every host while operations run (a gevent greenlet, like the rollout
-  driver's watchdog): after ``misses`` probes in a row without an answer the host is lost, the
-  line below says so at once and its SSH transport is closed, so that the running command
-  fails instead of hanging the whole run;
+* watches the SSH port of every host while operations run (a gevent greenlet, with the
+  rollout's probes and misses: ``gpufleet.fleet.watchdog``): after ``misses`` probes in a row
+  without an answer the host is lost, the line below says so at once and its SSH transport is
+  closed, so that the running command fails instead of hanging the whole run;
 * on an operation error, when the host's SSH port does not answer (or the watchdog lost it),
   logs one line: ``<host>: lost at operation '<op>' after 12.3 s: <the SSH error>; the host
   did not answer on port 22 since 10:42:07``. An operation that fails on a host that still
   answers is left to its own message.
 
-The rollout driver has its own watchdog and reasons (``gpufleet.fleet.rollout``): in a rollout's
-``State`` this handler only adds the reason lines, it does not watch.
+A fleet run watches its batches itself (``gpufleet.fleet.batch_run``): in a ``State`` with the
+run's ``Progress`` handler this one only adds the reason lines, it does not watch.
 """
 
 from __future__ import annotations
@@ -34,14 +34,20 @@ from pyinfra.api.host import Host
 from pyinfra.api.state import StateStage
 from pyinfra.context import ctx_host, ctx_state
 
-from gpufleet.fleet.rollout import _address, _close, tcp_probe
+from gpufleet.fleet.progress import Progress
+from gpufleet.fleet.watchdog import (
+    PROBE_INTERVAL,
+    PROBE_MISSES,
+    MissedProbes,
+    Probe,
+    close_connection,
+    probe_all,
+    ssh_address,
+    tcp_probe,
+)
 
-PROBE_INTERVAL = 2.0
-PROBE_MISSES = 3
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONNECTION_ERRORS = ("Command socket/SSH error: ", "Command timed out", "Command IO error: ")
-
-Probe = Callable[[tuple[str, int] | None], bool]
 
 
 def _clock() -> str:
@@ -81,10 +87,10 @@ class LostHostReporter(BaseStateCallback):
 
     def __init__(self, probe: Probe = tcp_probe, interval: float = PROBE_INTERVAL,
                  misses: int = PROBE_MISSES, watch: bool = True) -> None:
-        self.probe, self.interval, self.misses, self.watch = probe, interval, misses, watch
+        self.probe, self.interval, self.watch = probe, interval, watch
         self.current: dict[str, tuple[str, float]] = {}  # host -> (op name, started)
-        self.missed: dict[str, int] = {}
-        self.since: dict[str, str] = {}  # host -> wall clock of the first missed probe
+        # since: host -> wall clock of the first missed probe (or of the lost connection)
+        self.probes = MissedProbes(misses, _clock)
         self.lost: set[str] = set()  # the watchdog gave up on these
         self.reported: set[str] = set()
         self._watchdog: Any = None
@@ -110,12 +116,11 @@ class LostHostReporter(BaseStateCallback):
         if host.name in self.reported:
             return
         error = _ERRORS.last.pop(host.name, None)
-        address = _address(host)
         if host.name not in self.lost and (error is None and not self._transport_dead(host)):
             return  # an ordinary failure on a host that is there: its own message says why
-        if host.name not in self.lost and self.probe(address):
+        if host.name not in self.lost and self.probe(ssh_address(host)):
             return  # the connection broke but the host answers: not lost
-        self.since.setdefault(host.name, _clock())
+        self.probes.since.setdefault(host.name, _clock())
         self.reported.add(host.name)
         logger.error(self.reason(host, op_name(state, op_hash), error))
 
@@ -125,13 +130,13 @@ class LostHostReporter(BaseStateCallback):
         """``<host>: lost at operation '<op>' after N s: <error>; the host did not answer on
         port P since HH:MM:SS``."""
         _, started = self.current.get(host.name, (op, time.monotonic()))
-        address = _address(host)
+        address = ssh_address(host)
         port = address[1] if address else 22
         if error is None:
             error = "SSH connection closed"
         return (f"{host.name}: lost at operation {op!r} after {time.monotonic() - started:.1f} "
                 f"s: {error}; the host did not answer on port {port} since "
-                f"{self.since.get(host.name, _clock())}")
+                f"{self.probes.since.get(host.name, _clock())}")
 
     @staticmethod
     def _transport_dead(host: Host) -> bool:
@@ -147,25 +152,19 @@ class LostHostReporter(BaseStateCallback):
         """One round of probes over the hosts still running operations."""
         watched = [h for h in state.inventory if h in state.active_hosts
                    and h.name in self.current and h.name not in self.lost]
-        for host, ok in zip(watched, _in_parallel(self.probe, [_address(h) for h in watched]),
-                            strict=True):
-            if ok:
-                self.missed[host.name] = 0
-                self.since.pop(host.name, None)
-                continue
-            self.missed[host.name] = self.missed.get(host.name, 0) + 1
-            self.since.setdefault(host.name, _clock())
-            if self.missed[host.name] >= self.misses:
+        answers = probe_all(self.probe, [ssh_address(h) for h in watched])
+        for host, answered in zip(watched, answers, strict=True):
+            if self.probes.record(host.name, answered):
                 # said now: the running command (or fact) may end the host's run in a way no
                 # callback sees
                 self.lost.add(host.name)
                 self.reported.add(host.name)
                 name, _ = self.current[host.name]
                 logger.error(self.reason(host, name, (
-                    f"unreachable, no answer on its SSH port to {self.missed[host.name]} probes "
-                    "in a row: gpufleet closed its SSH connection so that the run does not "
-                    "hang on it")))
-                _close(host, cut=True)
+                    f"unreachable, no answer on its SSH port to {self.probes.missed[host.name]} "
+                    "probes in a row: gpufleet closed its SSH connection so that the run does "
+                    "not hang on it")))
+                close_connection(host, cut=True)
 
     def _watch_loop(self, state: State) -> None:
         import gevent
@@ -191,27 +190,15 @@ def _spawn(fn: Callable[[State], None], state: State) -> Any:
     return gevent.spawn(fn, state)
 
 
-def _in_parallel(probe: Probe, addresses: list[tuple[str, int] | None]) -> list[bool]:
-    if len(addresses) <= 1:
-        return [probe(a) for a in addresses]
-    import gevent
-
-    jobs = [gevent.spawn(probe, a) for a in addresses]
-    gevent.joinall(jobs, timeout=30)
-    return [bool(j.value) if j.successful() else False for j in jobs]
-
-
 _REGISTERED: weakref.WeakKeyDictionary[State, LostHostReporter] = weakref.WeakKeyDictionary()
 
 
 def register(state: State) -> LostHostReporter:
     """Add the reporter to ``state`` once (every host's deploy calls this); returns it."""
     if state not in _REGISTERED:
-        from gpufleet.fleet import rollout
-
-        live = getattr(rollout, "_Live", None)  # the rollout driver watches its hosts itself
-        in_rollout = live is not None and any(isinstance(h, live) for h in state.callback_handlers)
-        reporter = LostHostReporter(watch=not in_rollout)
+        # a fleet run watches its hosts itself
+        in_fleet_run = any(isinstance(h, Progress) for h in state.callback_handlers)
+        reporter = LostHostReporter(watch=not in_fleet_run)
         state.add_callback_handler(reporter)
         _REGISTERED[state] = reporter
         pyinfra_logger = logging.getLogger("pyinfra")

@@ -29,14 +29,12 @@ def _activate_command(service: str, release_id: str) -> StringCommand:
                           keep=releases.KEEP_RELEASES)
 
 
-DATA_KEY = "gpufleet_release"  # host data: the Release this run's deploy records on the host
-
-
 def release_recorded(spec: ServiceSpec, unit: str, env: Secret, revision: str | None = None,
-                     flags: Sequence[str] | None = None, name: str | None = None):
+                     flags: Sequence[str] | None = None,
+                     name: str | None = None) -> releases.Release:
     """What the deploy calls after its health gate: compute the release of this deploy (on the
-    controller, when the deploy is defined), note it in ``host.data.gpufleet_release`` for the
-    rollout driver, and add the :func:`recorded` operation.
+    controller, when the deploy is defined), add the :func:`recorded` operation, and return the
+    release (the deploy hands it back to a rollout driver).
 
     + spec: the service spec the deploy used
     + unit: the rendered systemd unit the deploy wrote
@@ -46,11 +44,11 @@ def release_recorded(spec: ServiceSpec, unit: str, env: Secret, revision: str | 
     """
     release = releases.release_for(spec, unit, releases.sha256_text(env.reveal()),
                                    revision=revision, flags=flags)
-    setattr(host.data, DATA_KEY, release)
-    return recorded(
+    recorded(
         name=name or f"Release {release.id} recorded in {releases.service_dir(spec.service)}",
         service=spec.service, release_id=release.id, record=release.record(), unit=unit,
     )
+    return release
 
 
 @operation()
