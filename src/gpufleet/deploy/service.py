@@ -13,6 +13,7 @@ import uuid
 from importlib import resources
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 from pyinfra import host, inventory, logger
 from pyinfra.api import deploy
@@ -114,6 +115,13 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     Returns the release it records and its health gate (the endpoint check), also handed back
     to a rollout driver that runs this deploy (``gpufleet.fleet.deploy_results``).
     """
+    _gpus_and_docker(spec, plan)
+    env_file = _storage_image_and_secrets(spec, secrets, shape, hub_endpoint)
+    return _service_verified_and_recorded(spec, secrets, shape, plan, env_file)
+
+
+def _gpus_and_docker(spec: ServiceSpec, plan: planner.Plan | None) -> None:
+    """The GPUs checked, then docker with the NVIDIA runtime as its default."""
     refusal = None
     if plan is not None and not plan.fits:
         refusal = "the plan refuses this host: " + " ".join(plan.reasons)
@@ -146,6 +154,11 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     )
     docker.default_runtime(name="docker info: default runtime is nvidia", runtime="nvidia")
 
+
+def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
+                               shape: ModelShape | None, hub_endpoint: str | None) -> Any:
+    """The model store and compile cache, the image, the two secret files and the staged
+    weights. Returns the server env file's operation (a change restarts the service)."""
     # created when missing, never re-permissioned (files.directory would chmod an existing one)
     hostfiles.directory_created(name=f"Model store {spec.models_dir}", path=spec.models_dir)
     hostfiles.directory_created(name=f"vLLM compile cache {spec.compile_cache_dir}",
@@ -171,9 +184,18 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
             endpoint=hub_endpoint or hub.hub_endpoint(), token_file=spec.hf_token_file,
             models_dir=spec.models_dir, revision=spec.revision,
         )
+    return env_file
+
+
+def _service_verified_and_recorded(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
+                                   shape: ModelShape | None, plan: planner.Plan | None,
+                                   env_file: Any) -> DeployResult:
+    """The unit, (re)started only when it or the env file changed, the health gate, then the
+    release record."""
+    commit = shape.commit if shape else None
     unit = files.put(
         name=f"systemd unit {spec.unit_name}",
-        src=StringIO(render_unit(spec, shape.commit if shape else None, plan)),
+        src=StringIO(render_unit(spec, commit, plan)),
         dest=names.unit_path(spec.service), user="root", group="root", mode="644",
     )
     systemd.daemon_reload(name="systemd daemon-reload", _if=unit.did_change)
@@ -192,10 +214,8 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     )
     # only reached when the health gate passed: a release that never answered is never current
     release = releases.release_recorded(
-        spec=spec, env=secrets.server_env(),
-        unit=render_unit(spec, shape.commit if shape else None, plan),
-        revision=shape.commit if shape else None,
-        flags=vllm_args(spec, shape.commit if shape else None, plan),
+        spec=spec, env=secrets.server_env(), unit=render_unit(spec, commit, plan),
+        revision=commit, flags=vllm_args(spec, commit, plan),
     )
     return hand_back(DeployResult(health_gate=health_gate, release=release))
 

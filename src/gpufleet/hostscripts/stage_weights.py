@@ -310,97 +310,134 @@ def stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
         return 1
 
 
+class StageError(Exception):
+    """Staging stops: the message says why and what to do."""
+
+
+class Repo:
+    """Where one model's files go in the Hugging Face cache layout, at one commit."""
+
+    def __init__(self, models_dir: str, model: str, commit: str) -> None:
+        self.models_dir, self.model, self.commit = models_dir, model, commit
+        self.root = repo_dir(models_dir, model)
+        self.blobs = os.path.join(self.root, "blobs")
+        self.partial = os.path.join(self.root, ".gpufleet", "partial")
+        self.snapshot = os.path.join(self.root, "snapshots", commit)
+        for d in (self.blobs, self.partial, self.snapshot, os.path.join(self.root, "refs")):
+            os.makedirs(d, exist_ok=True)
+
+    def part_of(self, f: dict) -> str:
+        key = hashlib.sha1(f"{self.commit}/{f['path']}".encode()).hexdigest()
+        return os.path.join(self.partial, key)
+
+    def blob_of(self, f: dict) -> str | None:
+        known = f.get("sha256") or f.get("blob_id")
+        return os.path.join(self.blobs, known) if known else None
+
+    def has_blob(self, f: dict) -> bool:
+        blob = self.blob_of(f)
+        return bool(blob) and os.path.isfile(blob or "") and _size(blob or "") == f["size"]
+
+    def missing(self, f: dict) -> int:
+        """Bytes still to download for ``f`` (a partial file counts)."""
+        return 0 if self.has_blob(f) else max(0, f["size"] - _size(self.part_of(f)))
+
+    def no_space(self, f: dict, rest: list[dict]) -> StageError:
+        left = self.missing(f) + sum(self.missing(g) for g in rest)
+        return StageError(disk_space_message(self.models_dir, self.model, self.commit, left,
+                                             shutil.disk_usage(self.models_dir).free, f["path"]))
+
+
+def _download_with_resume(repo: Repo, f: dict, url: str, token: str | None, rest: list[dict],
+                          sleep: Callable[[float], None]) -> tuple[int, str]:
+    """Download ``f`` into its partial file, resuming a cut connection (Range) up to ATTEMPTS
+    times; a full disk or an access error stops at once. Returns (bytes fetched, etag)."""
+    part, known = repo.part_of(f), f.get("sha256") or f.get("blob_id")
+    fetched_total, etag = 0, ""
+    for attempt in range(ATTEMPTS):
+        if _size(part) == f["size"] and (etag or known):
+            break  # complete already (a stopped run got every byte)
+        try:
+            fetched, etag = download(url, token, part, f["size"])
+            fetched_total += fetched
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
+            if _no_space(e):
+                raise repo.no_space(f, rest) from None
+            if isinstance(e, urllib.error.HTTPError) and e.code in (401, 403, 404):
+                raise StageError(f"{url}: HTTP {e.code} {e.reason}") from None
+            if isinstance(e, urllib.error.HTTPError) and e.code == 416:
+                etag = etag or (known or "")
+            elif attempt + 1 < ATTEMPTS:
+                say(f"{f['path']}: {e}; resuming from {fmt_size(_size(part))} "
+                    f"(attempt {attempt + 2} of {ATTEMPTS})")
+        if _size(part) >= f["size"]:
+            break
+        if attempt + 1 < ATTEMPTS:
+            sleep(min(2 * (attempt + 1), 10))
+    if _size(part) != f["size"]:
+        raise StageError(f"{f['path']}: got {fmt_size(_size(part))} of {fmt_size(f['size'])} "
+                         f"after {ATTEMPTS} attempts; re-run to resume")
+    return fetched_total, etag
+
+
+def _stage_file(repo: Repo, f: dict, endpoint: str, token: str | None, rest: list[dict],
+                sleep: Callable[[float], None]) -> int:
+    """One file into its blob (sha256-verified) and its snapshot link; returns bytes fetched."""
+    if repo.has_blob(f):
+        _link(repo.snapshot, f["path"], repo.blob_of(f) or "")  # there from another revision
+        return 0
+    quoted = urllib.parse.quote(f["path"])
+    url = f"{endpoint.rstrip('/')}/{repo.model}/resolve/{repo.commit}/{quoted}"
+    fetched, etag = _download_with_resume(repo, f, url, token, rest, sleep)
+    part = repo.part_of(f)
+    if f.get("sha256"):
+        digest = sha256_of(part)
+        if digest != f["sha256"]:
+            os.unlink(part)
+            raise StageError(f"{f['path']}: sha256 {digest} does not match the Hub's "
+                             f"{f['sha256']}")
+        etag = digest
+    known = f.get("sha256") or f.get("blob_id")
+    blob = os.path.join(repo.blobs,
+                        etag or known or hashlib.sha256(f["path"].encode()).hexdigest())
+    os.replace(part, blob)
+    _link(repo.snapshot, f["path"], blob)
+    return fetched
+
+
+def _mark_complete(repo: Repo, manifest: dict) -> None:
+    """The revision's ref, then the completion marker (last: later runs trust it)."""
+    revision = manifest.get("revision") or repo.commit
+    if revision != repo.commit:
+        with open(os.path.join(repo.root, "refs", revision.replace("/", "%2F")), "w") as out:
+            out.write(repo.commit)
+    marker = marker_path(repo.models_dir, repo.model, repo.commit)
+    with open(marker + ".tmp", "w") as out:
+        json.dump({"model": repo.model, "commit": repo.commit, "files": len(manifest["files"]),
+                   "bytes": sum(f["size"] for f in manifest["files"]),
+                   "staged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, out)
+    os.replace(marker + ".tmp", marker)
+
+
 def _stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
            sleep: Callable[[float], None]) -> int:
     model, commit = manifest["model"], manifest["commit"]
-    root = repo_dir(models_dir, model)
-    blobs, partial = os.path.join(root, "blobs"), os.path.join(root, ".gpufleet", "partial")
-    snapshot = os.path.join(root, "snapshots", commit)
-    for d in (blobs, partial, snapshot, os.path.join(root, "refs")):
-        os.makedirs(d, exist_ok=True)
-
-    def part_of(f: dict) -> str:
-        return os.path.join(partial, hashlib.sha1(f"{commit}/{f['path']}".encode()).hexdigest())
-
-    def blob_of(f: dict) -> str | None:
-        known = f.get("sha256") or f.get("blob_id")
-        return os.path.join(blobs, known) if known else None
-
-    def missing(f: dict) -> int:
-        blob = blob_of(f)
-        if blob and _size(blob) == f["size"] and os.path.isfile(blob):
-            return 0
-        return max(0, f["size"] - _size(part_of(f)))
-
+    repo = Repo(models_dir, model, commit)
     todo = [f for f in manifest["files"]
-            if not os.path.exists(os.path.join(snapshot, f["path"]))]
-    need = sum(missing(f) for f in todo)
+            if not os.path.exists(os.path.join(repo.snapshot, f["path"]))]
+    need = sum(repo.missing(f) for f in todo)
     free = shutil.disk_usage(models_dir).free
     if need and free < need * 1.05 + (1 << 30) * (need > (1 << 30)):
         say(disk_space_message(models_dir, model, commit, need, free))
         return 1
-
     fetched_total, t0 = 0, time.monotonic()
-    for f in todo:
-        known = f.get("sha256") or f.get("blob_id")
-        blob = blob_of(f)
-        if blob and os.path.isfile(blob) and os.path.getsize(blob) == f["size"]:
-            _link(snapshot, f["path"], blob)  # the same content is there from another revision
-            continue
-        quoted = urllib.parse.quote(f["path"])
-        url = f"{endpoint.rstrip('/')}/{model}/resolve/{commit}/{quoted}"
-        part = part_of(f)
-        etag = ""
-        for attempt in range(ATTEMPTS):
-            if _size(part) == f["size"] and (etag or known):
-                break  # complete already (a stopped run got every byte)
-            try:
-                fetched, etag = download(url, token, part, f["size"])
-                fetched_total += fetched
-            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as e:
-                if _no_space(e):
-                    left = max(0, f["size"] - _size(part)) + sum(
-                        missing(g) for g in todo[todo.index(f) + 1:])
-                    say(disk_space_message(models_dir, model, commit, left,
-                                           shutil.disk_usage(models_dir).free, f["path"]))
-                    return 1
-                if isinstance(e, urllib.error.HTTPError) and e.code in (401, 403, 404):
-                    say(f"{url}: HTTP {e.code} {e.reason}")
-                    return 1
-                if isinstance(e, urllib.error.HTTPError) and e.code == 416:
-                    etag = etag or (known or "")
-                elif attempt + 1 < ATTEMPTS:
-                    say(f"{f['path']}: {e}; resuming from {fmt_size(_size(part))} "
-                        f"(attempt {attempt + 2} of {ATTEMPTS})")
-            if _size(part) >= f["size"]:
-                break
-            if attempt + 1 < ATTEMPTS:
-                sleep(min(2 * (attempt + 1), 10))
-        if _size(part) != f["size"]:
-            say(f"{f['path']}: got {fmt_size(_size(part))} of {fmt_size(f['size'])} after "
-                f"{ATTEMPTS} attempts; re-run to resume")
-            return 1
-        if f.get("sha256"):
-            digest = sha256_of(part)
-            if digest != f["sha256"]:
-                os.unlink(part)
-                say(f"{f['path']}: sha256 {digest} does not match the Hub's {f['sha256']}")
-                return 1
-            etag = digest
-        blob = os.path.join(blobs, etag or known or hashlib.sha256(f["path"].encode()).hexdigest())
-        os.replace(part, blob)
-        _link(snapshot, f["path"], blob)
-
-    revision = manifest.get("revision") or commit
-    if revision != commit:
-        with open(os.path.join(root, "refs", revision.replace("/", "%2F")), "w") as out:
-            out.write(commit)
-    marker = marker_path(models_dir, model, commit)
-    with open(marker + ".tmp", "w") as out:
-        json.dump({"model": model, "commit": commit, "files": len(manifest["files"]),
-                   "bytes": sum(f["size"] for f in manifest["files"]),
-                   "staged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, out)
-    os.replace(marker + ".tmp", marker)
+    try:
+        for i, f in enumerate(todo):
+            fetched_total += _stage_file(repo, f, endpoint, token, todo[i + 1:], sleep)
+    except StageError as e:
+        say(str(e))
+        return 1
+    _mark_complete(repo, manifest)
     say(f"staged {model}@{commit[:12]}: downloaded {fmt_size(fetched_total)} "
         f"({fetched_total} bytes; {len(manifest['files'])} files, {len(todo)} not in this "
         f"snapshot yet) in {time.monotonic() - t0:.1f}s", err=False)
