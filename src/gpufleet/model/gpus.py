@@ -145,3 +145,47 @@ def gpus_from_fact(fact: Mapping[str, Any]) -> list[Gpu]:
     if not rows:
         raise ValueError(f"nvidia-smi lists no GPU{': ' + fact['error'] if fact.get('error') else ''}")
     return group([gpu_from_dict(row) for row in rows])
+
+
+# -- what each quantization needs of a GPU ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComputeFloor:
+    """The lowest compute capability a quantization runs on, and the one line users are told."""
+
+    capability: tuple[int, int]
+    reason: str
+
+
+# vLLM's own floor: its installation docs ("GPU: compute capability 7.0 or higher").
+VLLM_FLOOR = ComputeFloor((7, 0), "vLLM needs 7.0 or newer (Volta or a later GPU)")
+
+# quantization (the spec's values) -> its floor. The one table: the spec
+# (ServiceSpec.min_compute_capability), the planner's checks and the deploy's GPU check
+# (gpufleet.deploy.service.gpu_requirements) all read it. Sources: each method's
+# ``get_min_capability`` in vLLM's ``vllm/model_executor/layers/quantization/`` (awq.py: 75,
+# "The AWQ kernel only supports Turing or newer GPUs"; gptq.py: 60; fp8.py: 80, with the
+# weight-only Marlin path below 89) and vLLM's docs (features/quantization/fp8.md: W8A8 on 8.9+).
+COMPUTE_FLOORS: dict[str, ComputeFloor] = {
+    # auto of a bf16 checkpoint on a GPU without bfloat16: vLLM falls back to float16
+    "auto": VLLM_FLOOR,
+    "fp16": VLLM_FLOOR,
+    "bf16": ComputeFloor((8, 0), "bfloat16 needs compute capability 8.0 (Ampere) or newer; use "
+                                 "quantization fp16 on older GPUs"),
+    # gpufleet's choice: vLLM accepts fp8 from 8.0 as weight-only W8A16 (Marlin), but the
+    # speed-up users want from fp8 comes from the FP8 tensor cores of Ada and Hopper (W8A8)
+    "fp8": ComputeFloor((8, 9), "fp8 needs compute capability 8.9 (Ada, Hopper) for W8A8 on FP8 "
+                                "tensor cores; vLLM runs fp8 weight-only (W8A16, Marlin) from "
+                                "8.0, but gpufleet requires 8.9 for fp8: use fp16, awq or gptq "
+                                "on older GPUs"),
+    "awq": ComputeFloor((7, 5), "awq needs compute capability 7.5 (Turing) or newer for vLLM's "
+                                "AWQ kernels; use gptq on older GPUs"),
+    # vLLM's GPTQ kernels run from 6.0, below vLLM's own floor
+    "gptq": VLLM_FLOOR,
+}
+
+
+def compute_floor(quantization: str) -> ComputeFloor:
+    """What ``quantization`` needs of a GPU (an unknown one: what vLLM needs)."""
+    return COMPUTE_FLOORS.get(quantization, VLLM_FLOOR)
