@@ -1,21 +1,23 @@
-"""DigitalOcean GPU droplet sizes and the GPUs in them, for planning without a host.
+"""DigitalOcean GPU droplet sizes, the GPUs in them, and what each quantization needs of a GPU.
 
 Memory is what ``nvidia-smi --query-gpu=memory.total`` reports (MiB), so a named GPU plans
 exactly like the same GPU read from a host's ``NvidiaGpus`` fact. ``reserved_mib`` is
 ``nvidia-smi``'s ``memory.reserved``: memory the driver keeps, which CUDA (and so vLLM's
 ``gpu_memory_utilization``) never sees. Where it was not measured it is ``None`` and the planner
-uses its documented estimate (``gpufleet.planner.plan.DEFAULT_DRIVER_RESERVED_MIB``).
+uses its documented estimate (``gpufleet.planner.memory.DEFAULT_DRIVER_RESERVED_MIB``).
 
-Sources (see ``../shared/research/anchors.md`` section 4):
+Sources, each number with its evidence: ``docs/evidence/gpu-catalogue.md``.
 
 - ``gpu-h100x1-80gb`` and ``gpu-h100x8-640gb`` are in DigitalOcean's own OpenAPI spec.
 - The H200, L40S, RTX 4000 Ada and RTX 6000 Ada slugs were seen only in third-party code
   (SkyPilot, dstack, gpuhunt): ``official=False``. Check ``GET /v2/sizes`` before relying on them.
-- H100 memory and reserve: the recorded DO droplet (``../shared/recordings/h100-80gb-hbm3``:
-  total 81559 MiB, reserved 480 MiB). RTX 4000 Ada 20475 MiB: the blog in ``../shared/seeds``.
-  H200 143771 MiB and L40S 46068 MiB: ``nvidia-smi`` output quoted in public reports; their
-  reserves (606 and 582 MiB) are derived from vLLM start-up logs that print the CUDA-visible
-  total (139.81 and 44.42 GiB). RTX 6000 Ada 49140 MiB: public ``nvidia-smi`` output.
+- H100 memory and reserve: the recorded DO droplet (the lab replays the recording,
+  ``lab/src/gpufleet_lab/recordings/h100-80gb-hbm3/``: total 81559 MiB, reserved 480 MiB).
+  RTX 4000 Ada 20475 MiB: ``nvidia-smi`` on a DO droplet, quoted in a public deployment blog
+  (``docs/evidence/rtx4000ada-blog.md``). H200 143771 MiB and L40S 46068 MiB: ``nvidia-smi``
+  output quoted in public reports; their reserves (606 and 582 MiB) are derived from vLLM
+  start-up logs that print the CUDA-visible total (139.81 and 44.42 GiB). RTX 6000 Ada
+  49140 MiB: public ``nvidia-smi`` output.
 """
 
 from __future__ import annotations
