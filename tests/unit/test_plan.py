@@ -1,6 +1,6 @@
 """The planner, with numbers checked by hand (the arithmetic is in the comments).
 
-Units: MiB = 1,048,576 bytes, GiB = 1,073,741,824 bytes. Constants from gpufleet.planner.plan:
+Units: MiB = 1,048,576 bytes, GiB = 1,073,741,824 bytes. Constants from gpufleet.planner.memory:
 block 16 tokens; activation + non-torch reserve 1280 MiB at vLLM's 2048 batched tokens and
 2048 MiB at 8192, x hidden_size/4096 when wider, + 512 MiB when tp > 1; outside the budget
 576 MiB CUDA context (+256 when tp > 1) + 16 MiB x layers of CUDA graphs.
@@ -27,23 +27,21 @@ from typing import Any
 import pytest
 import yaml
 
+from gpufleet.deploy.service import gpu_requirements
+from gpufleet.deploy.service import vllm_args as service_vllm_args
 from gpufleet.model import gpus as gpu_catalog
-from gpufleet.model.gpus import Gpu, gpus_from_fact
+from gpufleet.model import vllm_args
+from gpufleet.model.gpu_check import GpuRequirements, check_gpus
+from gpufleet.model.gpus import COMPUTE_FLOORS, VLLM_FLOOR, Gpu, gpus_from_fact
 from gpufleet.model.spec import build_spec
-from gpufleet.planner.plan import (
-    FITS,
-    FRAGILE,
-    KNOWN_SHAPES,
-    REFUSED,
-    GiB,
-    Plan,
-    estimate_weights,
-    known_shape,
-    kv_bytes_per_token,
-    plan,
-    plan_for_spec,
-    render_table,
-)
+from gpufleet.model.vllm_args import QUANTIZATION_FLAGS
+from gpufleet.planner.memory import kv_bytes_per_token
+from gpufleet.planner.plan import Plan, plan_for_gpus, plan_for_spec
+from gpufleet.planner.render import render_table
+from gpufleet.planner.shapes import KNOWN_SHAPES, known_shape
+from gpufleet.planner.units import GiB, cc_text
+from gpufleet.planner.verdict import FITS, FRAGILE, REFUSED
+from gpufleet.planner.weights import estimate_weights
 
 L8 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B-Instruct"]
 L70 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B-Instruct"]
@@ -57,7 +55,7 @@ H100_FIXTURE = (Path(__file__).resolve().parents[1] / "facts" / "nvidia.NvidiaGp
 
 
 def rtx(quantization: str, util: float, **kw: Any) -> Plan:
-    return plan(L8, RTX4000, quantization=quantization, gpu_memory_utilization=util,
+    return plan_for_gpus(L8, RTX4000, quantization=quantization, gpu_memory_utilization=util,
                 max_model_len=8192, **kw)
 
 
@@ -91,11 +89,11 @@ def test_weight_bytes_by_quantization():
 def test_prequantized_checkpoint_uses_its_file_size():
     awq_ckpt = replace(L8, model="someone/Llama-3-8B-Instruct-AWQ", quantization="awq",
                        weight_bytes=5_730_000_000, parameters=1_980_000_000)
-    p = plan(awq_ckpt, RTX4000, quantization="auto", max_model_len=8192)
+    p = plan_for_gpus(awq_ckpt, RTX4000, quantization="auto", max_model_len=8192)
     assert p.weight_bytes == 5_730_000_000 and p.verdict == FITS
     assert "--quantization" not in p.flags                  # vLLM reads it from config.json
-    assert plan(awq_ckpt, RTX4000, quantization="awq", max_model_len=8192).fits
-    wrong = plan(awq_ckpt, RTX4000, quantization="fp8", max_model_len=8192)
+    assert plan_for_gpus(awq_ckpt, RTX4000, quantization="awq", max_model_len=8192).fits
+    wrong = plan_for_gpus(awq_ckpt, RTX4000, quantization="fp8", max_model_len=8192)
     assert wrong.verdict == REFUSED and "quantized with awq" in wrong.reasons[0]
 
 
@@ -187,7 +185,8 @@ def test_rtx4000_fp8_at_half_is_refused_kv_cache_below_one_sequence():
     assert "gpu_memory_utilization to >= 0.55" in p.reasons[0]
     assert "max_model_len <= 320" in p.reasons[0]
     # the same budget with short requests is a (fragile) fit: 320 tokens >= 256
-    short = plan(L8, RTX4000, quantization="fp8", gpu_memory_utilization=0.5, max_model_len=256)
+    short = plan_for_gpus(L8, RTX4000, quantization="fp8", gpu_memory_utilization=0.5,
+                          max_model_len=256)
     assert short.verdict == FRAGILE
 
 
@@ -226,14 +225,14 @@ def test_fp8_kv_cache_halves_kv_bytes_and_doubles_tokens():
 
 
 def test_llama70b_on_one_h100_is_refused():
-    p = plan(L70, H100, quantization="bf16", max_model_len=8192)
+    p = plan_for_gpus(L70, H100, quantization="bf16", max_model_len=8192)
     assert p.verdict == REFUSED and p.tensor_parallel_size == 1
     assert p.usable_bytes_per_gpu == 85_017_493_504
     assert p.budget_bytes_per_gpu == 76_515_744_153
     assert "weights 131.42 GiB per GPU do not fit the budget 71.26 GiB" in p.reasons[0]
     # fp8 does not save it: online fp8 loads 131.42 GiB of bf16 first, and 67.67 GiB of fp8
     # + 4 GiB reserve is above the budget anyway
-    fp8 = plan(L70, H100, quantization="fp8", max_model_len=8192)
+    fp8 = plan_for_gpus(L70, H100, quantization="fp8", max_model_len=8192)
     assert fp8.verdict == REFUSED
     assert "online fp8 loads the 16-bit weights first" in fp8.reasons[0]
 
@@ -246,7 +245,7 @@ def test_llama70b_on_eight_h100_fits_and_the_chooser_picks_tp4():
     # tp 4: 35,276,853,248 per GPU; KV = 36,407,052,697; 81,920 bytes/token/GPU, blocks of
     #       1,310,720 -> 27,776 blocks = 444,416 tokens = 54.25 x 8192: fits -> chosen.
     # Smallest tp that fits: fewer all-reduces per token; the other 4 GPUs can run a replica.
-    p = plan(L70, H100X8, quantization="bf16", max_model_len=8192)
+    p = plan_for_gpus(L70, H100X8, quantization="bf16", max_model_len=8192)
     assert p.verdict == FITS and p.tensor_parallel_size == 4
     assert p.weight_bytes_per_gpu == 35_276_853_248
     assert p.reserve_bytes_per_gpu == 4_831_838_208
@@ -265,31 +264,32 @@ def test_llama70b_on_eight_h100_fits_and_the_chooser_picks_tp4():
 def test_llama70b_with_tp8_from_the_spec():
     # tp 8: 17,638,426,624 per GPU; KV 54,045,479,321 / 655,360 per block = 82,466 blocks
     # = 1,319,456 tokens
-    p = plan(L70, H100X8, quantization="bf16", max_model_len=8192, tensor_parallel_size=8)
+    p = plan_for_gpus(L70, H100X8, quantization="bf16", max_model_len=8192, tensor_parallel_size=8)
     assert p.verdict == FITS and p.kv_cache_tokens == 1_319_456
     assert p.notes[0] == "tensor_parallel_size 8: set in the spec"
 
 
 def test_tensor_parallel_refusals():
-    assert "needs 2 GPUs; the host has 1" in plan(L8, RTX4000, tensor_parallel_size=2).reasons[0]
-    three = plan(L70, H100X8, max_model_len=8192, tensor_parallel_size=3)
+    one_gpu = plan_for_gpus(L8, RTX4000, tensor_parallel_size=2)
+    assert "needs 2 GPUs; the host has 1" in one_gpu.reasons[0]
+    three = plan_for_gpus(L70, H100X8, max_model_len=8192, tensor_parallel_size=3)
     assert "64 attention heads are not divisible by tensor_parallel_size 3" in three.reasons
     assert any("leaves 2 of 8 GPUs idle" in n for n in three.notes)
     # 8 KV heads and tp 16 replicate (allowed); 6 KV heads and tp 4 cannot be split
     odd = replace(L8, num_attention_heads=24, num_kv_heads=6)
     assert any("one must divide the other" in r
-               for r in plan(odd, H100X8, tensor_parallel_size=4).reasons)
+               for r in plan_for_gpus(odd, H100X8, tensor_parallel_size=4).reasons)
 
 
 def test_chooser_on_three_gpus_uses_tp1():
     # 3 GPUs: only tp 1 divides the count; a note says why
-    p = plan(L8, [replace(H100[0], count=3)], max_model_len=8192)
+    p = plan_for_gpus(L8, [replace(H100[0], count=3)], max_model_len=8192)
     assert p.tensor_parallel_size == 1 and p.verdict == FITS
     assert "dividing 3 GPUs" in p.notes[0]
 
 
 def test_host_with_fewer_gpus_than_the_spec_needs():
-    assert "the spec's gpu_count needs 2" in plan(L8, H100, required_gpus=2).reasons[0]
+    assert "the spec's gpu_count needs 2" in plan_for_gpus(L8, H100, required_gpus=2).reasons[0]
 
 
 # -- compute capability ------------------------------------------------------------------------
@@ -300,38 +300,80 @@ P100 = Gpu("Tesla P100-PCIE-16GB", 16280, "6.0")
 
 
 def test_fp8_needs_compute_capability_8_9():
-    p = plan(L8, A10, quantization="fp8", max_model_len=8192)
+    p = plan_for_gpus(L8, A10, quantization="fp8", max_model_len=8192)
     assert p.verdict == REFUSED
     assert "fp8 needs compute capability 8.9" in p.reasons[0]
     assert "gpufleet requires 8.9 for fp8" in p.reasons[0]
     fp8_ckpt = replace(L8, quantization="fp8", weight_bytes=9_081_200_640)
-    assert "8.9" in plan(fp8_ckpt, A10, max_model_len=8192).reasons[0]
+    assert "8.9" in plan_for_gpus(fp8_ckpt, A10, max_model_len=8192).reasons[0]
 
 
 def test_bf16_below_8_0_is_refused_and_fp16_suggested():
-    p = plan(L8, T4, quantization="bf16", max_model_len=2048)
+    p = plan_for_gpus(L8, T4, quantization="bf16", max_model_len=2048)
     assert any("bfloat16 needs compute capability 8.0" in r and "fp16" in r for r in p.reasons)
-    auto = plan(L8, T4, quantization="auto", max_model_len=2048)
+    auto = plan_for_gpus(L8, T4, quantization="auto", max_model_len=2048)
     assert not any("bfloat16" in r for r in auto.reasons)   # vLLM falls back to float16
     assert any("resolves auto to float16" in n for n in auto.notes)
 
 
 def test_gpu_below_7_0_is_refused():
-    assert "vLLM needs 7.0" in plan(L8, P100, quantization="fp16").reasons[0]
+    assert "vLLM needs 7.0" in plan_for_gpus(L8, P100, quantization="fp16").reasons[0]
+
+
+def _cc_below(cc: tuple[int, int]) -> str:
+    major, minor = cc
+    return f"{major}.{minor - 1}" if minor else f"{major - 1}.9"
+
+
+@pytest.mark.parametrize("quantization", list(QUANTIZATION_FLAGS))
+def test_spec_planner_and_gpu_check_read_one_compute_capability_table(quantization):
+    """One table (gpufleet.model.gpus.COMPUTE_FLOORS): the spec's minimum, the deploy's GPU
+    check and the planner agree on every quantization's floor and give the same reason."""
+    floor = COMPUTE_FLOORS[quantization]
+    spec = build_spec({**SPEC, "quantization": quantization})
+    need = gpu_requirements(spec)
+    assert spec.min_compute_capability == need["compute_capability"] == floor.capability
+    assert need["why_compute_capability"] == floor.reason
+
+    at_floor = Gpu("GPU at the floor", 81559, cc_text(floor.capability))
+    below = Gpu("GPU below the floor", 81559, _cc_below(floor.capability))
+    planned = plan_for_gpus(L8, at_floor, quantization=quantization, max_model_len=8192)
+    assert not [r for r in planned.reasons if "compute capability" in r]
+    refused = plan_for_gpus(L8, below, quantization=quantization, max_model_len=8192)
+    assert f"{below.name} has compute capability {below.compute_capability}: {floor.reason}" \
+        in refused.reasons
+
+    fact = {"installed": True, "exit_code": 0, "gpus": [
+        {"index": 0, "name": g.name, "memory_mib": g.memory_mib,
+         "compute_capability": g.compute_capability} for g in (below,)]}
+    problem = check_gpus(fact, GpuRequirements(1, 0, floor.capability, floor.reason), "gpu-01")
+    assert problem is not None and floor.reason in problem
+    assert check_gpus({**fact, "gpus": [{**fact["gpus"][0], "compute_capability":
+                                         at_floor.compute_capability}]},
+                      GpuRequirements(1, 0, floor.capability, floor.reason), "gpu-01") is None
+
+
+def test_the_table_covers_every_quantization_with_vllms_floors():
+    assert set(COMPUTE_FLOORS) == set(QUANTIZATION_FLAGS)
+    # vLLM's get_min_capability: awq 75; gptq 60 (below vLLM's own 7.0); fp8 W8A8 on 8.9
+    assert {q: f.capability for q, f in COMPUTE_FLOORS.items()} == {
+        "auto": (7, 0), "fp16": (7, 0), "bf16": (8, 0), "fp8": (8, 9), "awq": (7, 5),
+        "gptq": (7, 0)}
+    assert min(f.capability for f in COMPUTE_FLOORS.values()) == VLLM_FLOOR.capability
 
 
 # -- max_model_len -----------------------------------------------------------------------------
 
 
 def test_max_model_len_beyond_the_model_is_refused():
-    p = plan(L8, H100, max_model_len=16384)
+    p = plan_for_gpus(L8, H100, max_model_len=16384)
     assert "max_model_len 16,384 is beyond the model's max_position_embeddings 8,192" in p.reasons
 
 
 def test_max_model_len_defaults_to_the_model_and_can_be_too_long_for_the_cache():
-    assert plan(L8, H100).max_model_len == 8192
+    assert plan_for_gpus(L8, H100).max_model_len == 8192
     # Llama 3.1 8B: 131,072 positions = 16 GiB of KV per sequence; fp8 at 0.9 has 64,208 tokens
-    p = plan(L31, RTX4000, quantization="fp8")
+    p = plan_for_gpus(L31, RTX4000, quantization="fp8")
     assert p.max_model_len == 131_072 and p.verdict == REFUSED
     assert "set max_model_len <= 64,208" in p.reasons[0]
     assert any("max_model_len not set" in n for n in p.notes)
@@ -341,8 +383,8 @@ def test_max_model_len_defaults_to_the_model_and_can_be_too_long_for_the_cache()
 
 
 def test_fact_dicts_plan_like_the_catalogue(fixture_fact):
-    from_fact = plan(L8, fixture_fact["gpus"], max_model_len=8192)
-    named = plan(L8, H100, max_model_len=8192)
+    from_fact = plan_for_gpus(L8, fixture_fact["gpus"], max_model_len=8192)
+    named = plan_for_gpus(L8, H100, max_model_len=8192)
     assert from_fact == named                               # reserve 480 found by name
     assert from_fact.reserved_mib == 480 and not from_fact.reserved_estimated
 
@@ -364,7 +406,7 @@ def test_gpus_from_fact(fixture_fact):
 
 
 def test_mixed_gpus_plan_for_the_smallest():
-    p = plan(L8, [H100[0], gpu_catalog.lookup("l40s").gpu], max_model_len=8192)
+    p = plan_for_gpus(L8, [H100[0], gpu_catalog.lookup("l40s").gpu], max_model_len=8192)
     assert p.gpu_count == 2 and p.memory_mib == 46068 and p.compute_capability == "8.9"
     assert any("mixed GPUs" in n for n in p.notes)
 
@@ -386,7 +428,7 @@ def test_catalogue_facts_and_sources():
     assert gpu_catalog.lookup("l40s").gpu.compute_capability == "8.9"
     assert gpu_catalog.lookup("rtx4000ada").gpu.memory_mib == 20475
     assert gpu_catalog.lookup("rtx6000ada").gpu.memory_mib == 49140
-    # only the H100 slugs are in DigitalOcean's OpenAPI spec (gpufleet.model.gpus says where)
+    # only the H100 slugs are in DigitalOcean's OpenAPI spec (docs/evidence/gpu-catalogue.md)
     assert {s.slug for s in gpu_catalog.SIZES if s.official} == {"gpu-h100x1-80gb",
                                                                  "gpu-h100x8-640gb"}
     with pytest.raises(KeyError, match="unknown GPU 'a100'"):
@@ -394,11 +436,11 @@ def test_catalogue_facts_and_sources():
 
 
 def test_vllm_scheduler_defaults_by_gpu_class():
-    assert plan(L8, gpu_catalog.gpus("l40s")).max_num_seqs == 256      # 44.4 GiB usable
-    assert plan(L8, gpu_catalog.gpus("h200")).max_num_seqs == 1024
+    assert plan_for_gpus(L8, gpu_catalog.gpus("l40s")).max_num_seqs == 256      # 44.4 GiB usable
+    assert plan_for_gpus(L8, gpu_catalog.gpus("h200")).max_num_seqs == 1024
     a100 = Gpu("NVIDIA A100-SXM4-80GB", 81920, "8.0")                   # A100: excluded
-    assert plan(L8, a100, max_model_len=8192).max_num_seqs == 256
-    assert plan(L8, H100, max_num_seqs=32).max_num_seqs == 32
+    assert plan_for_gpus(L8, a100, max_model_len=8192).max_num_seqs == 256
+    assert plan_for_gpus(L8, H100, max_num_seqs=32).max_num_seqs == 32
 
 
 # -- the spec, JSON and the table --------------------------------------------------------------
@@ -417,6 +459,33 @@ def test_plan_for_spec_reads_the_spec_and_extra_args():
     assert p.outside_budget_bytes_per_gpu == 576 * MiB          # no CUDA graphs when eager
     fp16 = plan_for_spec(spec, L8, RTX4000, quantization="fp16", gpu_memory_utilization=0.5)
     assert fp16.verdict == REFUSED and fp16.label == "fp16"
+
+
+def test_spec_and_plan_sizing_flags_come_from_one_builder(monkeypatch):
+    """The spec's sizing flags and a plan's flags are built by gpufleet.model.vllm_args, and
+    the same settings give the same flags in the same order."""
+    calls: list[dict[str, Any]] = []
+    build = vllm_args.sizing_flags
+
+    def spy(**settings: Any) -> list[str]:
+        calls.append(settings)
+        return build(**settings)
+
+    monkeypatch.setattr(vllm_args, "sizing_flags", spy)
+    spec = build_spec({**SPEC, "quantization": "fp8", "kv_cache_dtype": "fp8",
+                       "tensor_parallel_size": 2, "gpu_count": 2})
+    stated = spec.sizing_args()
+    planned = plan_for_spec(spec, L8, gpu_catalog.gpus("h100x8"))
+    assert len(calls) == 2
+    assert planned.tensor_parallel_size == 2 and planned.max_num_seqs == 32
+    assert list(planned.flags) == stated == build(**calls[0]) == build(**calls[1]) == [
+        "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.9",
+        "--max-model-len", "8192", "--max-num-seqs", "32", "--quantization", "fp8",
+        "--kv-cache-dtype", "fp8"]
+    # the deploy's command line takes the plan's flags in place of the spec's
+    args = service_vllm_args(spec, "c" * 40, planned)
+    assert args[args.index("--tensor-parallel-size"):][:len(stated)] == stated
+    assert spec.vllm_args(2) == service_vllm_args(spec) == vllm_args.serve_args(spec, gpu_count=2)
 
 
 def test_to_json_is_json():

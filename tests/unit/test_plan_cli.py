@@ -20,7 +20,7 @@ import yaml
 
 import gpufleet
 from gpufleet.cli import plan as plan_cli
-from gpufleet.planner.plan import KNOWN_SHAPES
+from gpufleet.planner.shapes import KNOWN_SHAPES
 
 ROOT = Path(__file__).resolve().parents[2]
 H100_FIXTURE = ROOT / "tests" / "facts" / "nvidia.NvidiaGpus" / "h100_recorded.yaml"

@@ -5,8 +5,9 @@
     gpufleet plan deploys/llama3.yaml --local --json              # this machine's nvidia-smi
 
 The model's shape comes from ``--model-shape FILE`` (JSON of ``ModelShape.to_json()``), else
-from the Hub (``gpufleet.clients.hub.model_shape``, with ``HF_TOKEN`` and ``HF_ENDPOINT``), else, offline
-(``--offline``, ``HF_HUB_OFFLINE=1`` or the Hub failing), from ``gpufleet.planner.plan.KNOWN_SHAPES``.
+from the Hub (``gpufleet.clients.hub.model_shape``, with ``HF_TOKEN`` and ``HF_ENDPOINT``),
+else, offline (``--offline``, ``HF_HUB_OFFLINE=1`` or the Hub failing), from
+``gpufleet.planner.shapes.KNOWN_SHAPES``.
 Exit status: 0 when every plan fits (``fits`` or ``fragile``), 3 when one is refused or a host
 has no usable GPU, 2 for bad input.
 """
@@ -31,8 +32,11 @@ from gpufleet.cli.data import parse_data
 from gpufleet.model import gpus as gpu_catalog
 from gpufleet.model.gpus import Gpu
 from gpufleet.model.model_shape import ModelShape
-from gpufleet.model.spec import QUANTIZATION_FLAGS, ServiceSpec, load_spec
-from gpufleet.planner.plan import Plan, known_shape, plan_for_spec, render_table
+from gpufleet.model.spec import ServiceSpec, load_spec
+from gpufleet.model.vllm_args import QUANTIZATION_FLAGS
+from gpufleet.planner.plan import Plan, plan_for_spec
+from gpufleet.planner.render import render_table
+from gpufleet.planner.shapes import known_shape
 
 EXIT_OK, EXIT_INPUT, EXIT_REFUSED = 0, 2, 3
 _TRUE = ("1", "true", "yes", "on")

@@ -30,15 +30,16 @@ from gpufleet.fleet import run_lock as hostlock
 from gpufleet.fleet.deploy_results import DeployResult, hand_back
 from gpufleet.model import names
 from gpufleet.model import secrets as service_secrets
+from gpufleet.model.gpus import compute_floor
 from gpufleet.model.model_shape import ModelShape
 from gpufleet.model.release import LockHolder, deployed_by, now_iso
 from gpufleet.model.spec import (
-    MIN_COMPUTE_CAPABILITY,
     SPEC_KEYS,
     ServiceSpec,
     check_data_keys,
     load_spec,
 )
+from gpufleet.model.vllm_args import serve_args
 from gpufleet.operations import docker_engine as docker
 from gpufleet.operations import hostfiles, nvidia, vllm
 from gpufleet.operations import release_records as releases
@@ -67,16 +68,14 @@ def _check_override_keys(keys: list[str]) -> None:
 
 
 def gpu_requirements(spec: ServiceSpec) -> dict[str, object]:
-    why = {
-        "fp8": "fp8 (W8A8) needs an Ada or Hopper GPU (compute capability 8.9+); use awq or gptq "
-               "on older GPUs",
-        "bf16": "bfloat16 needs compute capability 8.0+; use fp16 on older GPUs",
-    }.get(spec.quantization, "vLLM needs compute capability 7.0 or newer")
+    """What ``nvidia.gpus_verified`` checks: GPU count, memory, and the compute capability the
+    spec's quantization needs, with its reason (``gpufleet.model.gpus.COMPUTE_FLOORS``)."""
+    floor = compute_floor(spec.quantization)
     return {
         "count": spec.gpu_count,
         "memory_mib": spec.min_gpu_memory_mib,
-        "compute_capability": MIN_COMPUTE_CAPABILITY.get(spec.quantization, (7, 0)),
-        "why_compute_capability": why,
+        "compute_capability": floor.capability,
+        "why_compute_capability": floor.reason,
     }
 
 
@@ -84,8 +83,8 @@ def vllm_args(spec: ServiceSpec, commit: str | None = None,
               plan: planner.Plan | None = None) -> list[str]:
     """``vllm serve`` arguments: the spec's, with the revision pinned to the resolved commit and
     the sizing flags (tensor parallel, utilization, lengths, quantization) from the host's plan."""
-    return spec.vllm_args(spec.gpu_count, revision=commit,
-                          sizing=list(plan.flags) if plan is not None else None)
+    return serve_args(spec, gpu_count=spec.gpu_count, revision=commit,
+                      sizing=plan.flags if plan is not None else None)
 
 
 def render_unit(spec: ServiceSpec, commit: str | None = None,

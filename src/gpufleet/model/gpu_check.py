@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.model.gpus import VLLM_FLOOR
+
 
 @dataclass(frozen=True)
 class GpuRequirements:
@@ -12,8 +14,8 @@ class GpuRequirements:
 
     count: int = 1
     memory_mib: int = 0
-    compute_capability: tuple[int, int] = (7, 0)
-    why_compute_capability: str = "vLLM needs compute capability 7.0 or newer"
+    compute_capability: tuple[int, int] = VLLM_FLOOR.capability
+    why_compute_capability: str = VLLM_FLOOR.reason
 
 
 def parse_compute_capability(value: str) -> tuple[int, int]:

@@ -1,22 +1,23 @@
-"""DigitalOcean GPU droplet sizes and the GPUs in them, for planning without a host.
+"""DigitalOcean GPU droplet sizes, the GPUs in them, and what each quantization needs of a GPU.
 
 Memory is what ``nvidia-smi --query-gpu=memory.total`` reports (MiB), so a named GPU plans
 exactly like the same GPU read from a host's ``NvidiaGpus`` fact. ``reserved_mib`` is
 ``nvidia-smi``'s ``memory.reserved``: memory the driver keeps, which CUDA (and so vLLM's
 ``gpu_memory_utilization``) never sees. Where it was not measured it is ``None`` and the planner
-uses its documented estimate (``gpufleet.planner.plan.DEFAULT_DRIVER_RESERVED_MIB``).
+uses its documented estimate (``gpufleet.planner.memory.DEFAULT_DRIVER_RESERVED_MIB``).
 
-Sources:
+Sources, each number with its evidence: ``docs/evidence/gpu-catalogue.md``.
 
 - ``gpu-h100x1-80gb`` and ``gpu-h100x8-640gb`` are in DigitalOcean's own OpenAPI spec.
 - The H200, L40S, RTX 4000 Ada and RTX 6000 Ada slugs were seen only in third-party code
   (SkyPilot, dstack, gpuhunt): ``official=False``. Check ``GET /v2/sizes`` before relying on them.
-- H100 memory and reserve: a recorded DO droplet (the lab replays that recording,
-  ``gpufleet_lab/recordings/h100-80gb-hbm3``: total 81559 MiB, reserved 480 MiB). RTX 4000 Ada
-  20475 MiB: ``nvidia-smi`` output quoted in a public blog post.
-  H200 143771 MiB and L40S 46068 MiB: ``nvidia-smi`` output quoted in public reports; their
-  reserves (606 and 582 MiB) are derived from vLLM start-up logs that print the CUDA-visible
-  total (139.81 and 44.42 GiB). RTX 6000 Ada 49140 MiB: public ``nvidia-smi`` output.
+- H100 memory and reserve: the recorded DO droplet (the lab replays the recording,
+  ``lab/src/gpufleet_lab/recordings/h100-80gb-hbm3/``: total 81559 MiB, reserved 480 MiB).
+  RTX 4000 Ada 20475 MiB: ``nvidia-smi`` on a DO droplet, quoted in a public deployment blog
+  (``docs/evidence/rtx4000ada-blog.md``). H200 143771 MiB and L40S 46068 MiB: ``nvidia-smi``
+  output quoted in public reports; their reserves (606 and 582 MiB) are derived from vLLM
+  start-up logs that print the CUDA-visible total (139.81 and 44.42 GiB). RTX 6000 Ada
+  49140 MiB: public ``nvidia-smi`` output.
 """
 
 from __future__ import annotations
@@ -146,3 +147,47 @@ def gpus_from_fact(fact: Mapping[str, Any]) -> list[Gpu]:
     if not rows:
         raise ValueError(f"nvidia-smi lists no GPU{': ' + fact['error'] if fact.get('error') else ''}")
     return group([gpu_from_dict(row) for row in rows])
+
+
+# -- what each quantization needs of a GPU ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComputeFloor:
+    """The lowest compute capability a quantization runs on, and the one line users are told."""
+
+    capability: tuple[int, int]
+    reason: str
+
+
+# vLLM's own floor: its installation docs ("GPU: compute capability 7.0 or higher").
+VLLM_FLOOR = ComputeFloor((7, 0), "vLLM needs 7.0 or newer (Volta or a later GPU)")
+
+# quantization (the spec's values) -> its floor. The one table: the spec
+# (ServiceSpec.min_compute_capability), the planner's checks and the deploy's GPU check
+# (gpufleet.deploy.service.gpu_requirements) all read it. Sources: each method's
+# ``get_min_capability`` in vLLM's ``vllm/model_executor/layers/quantization/`` (awq.py: 75,
+# "The AWQ kernel only supports Turing or newer GPUs"; gptq.py: 60; fp8.py: 80, with the
+# weight-only Marlin path below 89) and vLLM's docs (features/quantization/fp8.md: W8A8 on 8.9+).
+COMPUTE_FLOORS: dict[str, ComputeFloor] = {
+    # auto of a bf16 checkpoint on a GPU without bfloat16: vLLM falls back to float16
+    "auto": VLLM_FLOOR,
+    "fp16": VLLM_FLOOR,
+    "bf16": ComputeFloor((8, 0), "bfloat16 needs compute capability 8.0 (Ampere) or newer; use "
+                                 "quantization fp16 on older GPUs"),
+    # gpufleet's choice: vLLM accepts fp8 from 8.0 as weight-only W8A16 (Marlin), but the
+    # speed-up users want from fp8 comes from the FP8 tensor cores of Ada and Hopper (W8A8)
+    "fp8": ComputeFloor((8, 9), "fp8 needs compute capability 8.9 (Ada, Hopper) for W8A8 on FP8 "
+                                "tensor cores; vLLM runs fp8 weight-only (W8A16, Marlin) from "
+                                "8.0, but gpufleet requires 8.9 for fp8: use fp16, awq or gptq "
+                                "on older GPUs"),
+    "awq": ComputeFloor((7, 5), "awq needs compute capability 7.5 (Turing) or newer for vLLM's "
+                                "AWQ kernels; use gptq on older GPUs"),
+    # vLLM's GPTQ kernels run from 6.0, below vLLM's own floor
+    "gptq": VLLM_FLOOR,
+}
+
+
+def compute_floor(quantization: str) -> ComputeFloor:
+    """What ``quantization`` needs of a GPU (an unknown one: what vLLM needs)."""
+    return COMPUTE_FLOORS.get(quantization, VLLM_FLOOR)

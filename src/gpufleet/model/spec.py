@@ -24,30 +24,14 @@ import yaml
 from pyinfra.api.exceptions import PyinfraError
 
 from gpufleet.model import names, vllm_flags
+from gpufleet.model.gpus import compute_floor
 from gpufleet.model.spec_fields import (
     DEFAULTS,
     FIELDS,
     SPEC_FIELDS,
     keys_of_type,
 )
-
-# quantization -> the vLLM flag and value it maps to (None: let vLLM decide)
-QUANTIZATION_FLAGS: dict[str, tuple[str, str] | None] = {
-    "auto": None,
-    "fp16": ("--dtype", "float16"),
-    "bf16": ("--dtype", "bfloat16"),
-    "fp8": ("--quantization", "fp8"),
-    "awq": ("--quantization", "awq"),
-    "gptq": ("--quantization", "gptq"),
-}
-
-# Minimum compute capability per quantization, from vLLM's docs: FP8 W8A8 needs Ada/Hopper (8.9),
-# bfloat16 needs Ampere (8.0), and vLLM itself needs 7.0.
-MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {
-    "fp8": (8, 9),
-    "bf16": (8, 0),
-}
-VLLM_MIN_COMPUTE_CAPABILITY = (7, 0)
+from gpufleet.model.vllm_args import QUANTIZATION_FLAGS, serve_args, spec_sizing_flags
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 CGROUP_DRIVERS = ("cgroupfs", "systemd")
@@ -179,39 +163,19 @@ class ServiceSpec:
 
     @property
     def min_compute_capability(self) -> tuple[int, int]:
-        return MIN_COMPUTE_CAPABILITY.get(self.quantization, VLLM_MIN_COMPUTE_CAPABILITY)
+        """The lowest compute capability this spec's quantization runs on
+        (``gpufleet.model.gpus.COMPUTE_FLOORS``)."""
+        return compute_floor(self.quantization).capability
 
     def vllm_args(self, gpu_count: int | None = None, revision: str | None = None,
                   sizing: list[str] | None = None) -> list[str]:
-        """The arguments of ``vllm serve``: the model tag (positional; ``--model`` is deprecated
-        since vLLM 0.11), then the flags. ``revision`` pins a resolved commit; ``sizing``
-        replaces the spec's sizing flags (a plan's: tensor parallel, utilization, lengths,
-        quantization, kv-cache dtype)."""
-        args = [self.model, "--revision", revision or self.revision]
-        args += ["--served-model-name", self.name_served]
-        args += ["--host", "0.0.0.0", "--port", str(self.port)]
-        args += self.sizing_args(gpu_count) if sizing is None else list(sizing)
-        args.append("--enable-prefix-caching" if self.enable_prefix_caching
-                    else "--no-enable-prefix-caching")
-        args += list(self.extra_args)
-        return args
+        """The arguments of ``vllm serve`` (``gpufleet.model.vllm_args.serve_args``)."""
+        return serve_args(self, gpu_count=gpu_count, revision=revision, sizing=sizing)
 
     def sizing_args(self, gpu_count: int | None = None) -> list[str]:
-        """The sizing flags as the spec states them (the planner computes them per host)."""
-        args = ["--gpu-memory-utilization", _format_float(self.gpu_memory_utilization)]
-        if self.max_model_len is not None:
-            args += ["--max-model-len", str(self.max_model_len)]
-        if self.max_num_seqs is not None:
-            args += ["--max-num-seqs", str(self.max_num_seqs)]
-        tp = self.tensor_parallel_size or gpu_count
-        if tp and tp > 1:
-            args += ["--tensor-parallel-size", str(tp)]
-        quant = QUANTIZATION_FLAGS[self.quantization]
-        if quant is not None:
-            args += list(quant)
-        if self.kv_cache_dtype != "auto":
-            args += ["--kv-cache-dtype", self.kv_cache_dtype]
-        return args
+        """The sizing flags as the spec states them (``gpufleet.model.vllm_args``; the
+        planner computes them per host with the same builder)."""
+        return spec_sizing_flags(self, gpu_count)
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -224,10 +188,6 @@ SPEC_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ServiceSpe
 if SPEC_KEYS != tuple(f.name for f in SPEC_FIELDS):
     raise AssertionError("ServiceSpec's fields and spec_fields.SPEC_FIELDS differ")
 _REQUIRED = tuple(f.name for f in SPEC_FIELDS if f.required)
-
-
-def _format_float(value: float) -> str:
-    return f"{value:g}"
 
 
 def _suggest(word: object, choices: list[str] | tuple[str, ...]) -> str:
