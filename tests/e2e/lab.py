@@ -56,7 +56,7 @@ class HostPrint:
     files: str  # sha256 of the unit, the env file and the token file (or sha256sum's error)
     active: str  # ``systemctl is-active docker <unit>``
     daemon_json: str  # parsed and dumped with sorted keys: the same content reads the same
-    staged: str  # the completion marker of the revision the unit pins
+    staged: str  # the completion marker of the model and revision the unit pins
 
     @property
     def serving(self) -> bool:
@@ -72,8 +72,10 @@ _FINGERPRINT = "; ".join([
     "python3 -c 'import json; print(json.dumps(json.load(open(\"/etc/docker/daemon.json\")), "
     "sort_keys=True))' 2>&1 | tail -n 1",
     "echo --",
-    f"rev=$(grep -o -- '--revision [0-9a-f]*' {host_paths.unit_path(SERVICE)} | cut -d' ' -f2)",
-    'ls /opt/models/hub/models--*/.gpufleet/"$rev".complete 2>&1',
+    # the unit runs `vllm <model> --revision <commit> ...`: that model's marker for that commit
+    f"set -- $(grep -o -- '[^ ]* --revision [0-9a-f]*' {host_paths.unit_path(SERVICE)} "
+    "| head -n 1 | tr -d '\"')",
+    'ls "/opt/models/hub/models--$(echo "$1" | sed "s|/|--|g")/.gpufleet/$3.complete" 2>&1',
 ])
 
 
@@ -153,7 +155,7 @@ class Converged:
 
     ``restore`` gives a test the hosts it needs in that state: hosts that drifted (a test
     changed them, or failed before it put them back) get the same deploy again, limited to
-    them; hosts still as they were cost one SSH command each."""
+    them; hosts still as they were cost two SSH commands each."""
 
     lab: Lab
     first_run: Run
