@@ -1,7 +1,8 @@
 """End to end on the lab: the user's command, unchanged, over real SSH, systemd, apt and docker.
 
-The tests run in file order on one shared lab (see conftest.py): first deploy, no-op re-run,
-daemon.json cases, reboot, secrets.
+One shared lab (see conftest.py). Each test starts from the state it names: ``first_deploy``
+is the first deploy's run, ``deployed`` the good hosts as it left them (a test that changes a
+host need not put it back: the next one that needs it gets it redeployed). Any test runs alone.
 """
 
 from __future__ import annotations
@@ -14,12 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import GOOD
-
-API = "gf-GPUFLEETLABSECRETapikey0123456789abcdef"
-# HF_TOKEN is the lab's own (the Hub emulator accepts it): a random 'hf_lab<40 hex>' token
-SECRETS = {"HF_TOKEN": "set by the first test", "VLLM_API_KEY": API}
-RUNS: dict[str, object] = {}
+from tests.e2e.conftest import API, GOOD
 
 
 def chat(ip: str, key: str = API) -> dict:
@@ -39,11 +35,9 @@ def container_started(lab, name: str) -> str:
     return lab.ssh(name, "docker inspect -f '{{.State.StartedAt}}' gpufleet-llama3").stdout
 
 
-def test_first_deploy_converges_good_hosts_and_fails_bad_ones_alone(lab):
-    SECRETS["HF_TOKEN"] = lab.env["HF_TOKEN"]
-    assert len(SECRETS["HF_TOKEN"]) > 40
-    run = lab.pyinfra("-vv", "--diff", extra_env=SECRETS)
-    RUNS["first"] = run
+def test_first_deploy_converges_good_hosts_and_fails_bad_ones_alone(lab, secrets, deployed):
+    assert len(secrets["HF_TOKEN"]) > 40
+    run = deployed.first_run
     assert run.returncode == 1, run.output[-3000:]  # some hosts failed, on purpose
     for name in GOOD:
         assert lab.ssh(name, "systemctl is-active gpufleet-llama3.service").stdout.strip() == "active"
@@ -64,17 +58,16 @@ def test_first_deploy_converges_good_hosts_and_fails_bad_ones_alone(lab):
                        check=False).returncode == 0
 
 
-def test_base_flavour_host_got_docker_installed_by_the_deploy(lab):
+def test_base_flavour_host_got_docker_installed_by_the_deploy(lab, deployed):
     out = lab.ssh("llama3-gpu-03", "dpkg-query -W -f '${Status}' docker.io").stdout
     assert "install ok installed" in out
-    log = "\n".join(RUNS["first"].host_lines("llama3-gpu-03"))
+    log = "\n".join(deployed.first_run.host_lines("llama3-gpu-03"))
     assert "apt-get install" in log and "docker.io" in log
 
 
-def test_second_run_changes_nothing(lab):
+def test_second_run_changes_nothing(lab, secrets, deployed):
     before = {n: (docker_started(lab, n), container_started(lab, n)) for n in GOOD}
-    run = lab.pyinfra(*[a for n in GOOD for a in ("--limit", n)], extra_env=SECRETS)
-    RUNS["second"] = run
+    run = lab.pyinfra(*[a for n in GOOD for a in ("--limit", n)], extra_env=secrets)
     assert run.returncode == 0, run.output[-3000:]
     total = run.grand_total()
     # columns after the op count: hosts... we look at Success and Error being '-'
@@ -86,7 +79,7 @@ def test_second_run_changes_nothing(lab):
     assert after == before  # docker not restarted, vLLM container not restarted
 
 
-def test_daemon_json_keeps_the_hosts_keys_and_a_backup(lab):
+def test_daemon_json_keeps_the_hosts_keys_and_a_backup(lab, deployed):
     doc = json.loads(lab.ssh("llama3-gpu-01", "cat /etc/docker/daemon.json").stdout)
     assert doc["default-runtime"] == "nvidia"
     assert doc["runtimes"]["nvidia"]["path"] == "nvidia-container-runtime"
@@ -99,14 +92,14 @@ def test_daemon_json_keeps_the_hosts_keys_and_a_backup(lab):
     assert info == "nvidia"
 
 
-def test_broken_daemon_json_fails_the_host_and_is_left_untouched(lab):
+def test_broken_daemon_json_fails_the_host_and_is_left_untouched(lab, secrets, deployed):
     name = "llama3-gpu-02"
     lab.ssh(name, "cp -p /etc/docker/daemon.json /root/daemon.json.good && "
                   "printf '{\"debug\": true,,}\\n' > /etc/docker/daemon.json")
     broken = lab.ssh(name, "sha256sum /etc/docker/daemon.json").stdout
     docker_before = docker_started(lab, name)
     try:
-        run = lab.pyinfra("--limit", name, extra_env=SECRETS)
+        run = lab.pyinfra("--limit", name, extra_env=secrets)
         assert run.returncode == 1
         lines = "\n".join(run.host_lines(name))
         assert "/etc/docker/daemon.json is not valid JSON (line 1, column 16" in lines, lines
@@ -115,25 +108,25 @@ def test_broken_daemon_json_fails_the_host_and_is_left_untouched(lab):
     finally:
         lab.ssh(name, "cp -p /root/daemon.json.good /etc/docker/daemon.json")
     # restored: semantically the same, so nothing changes and docker is not restarted
-    run = lab.pyinfra("--limit", name, extra_env=SECRETS)
+    run = lab.pyinfra("--limit", name, extra_env=secrets)
     assert run.returncode == 0 and run.grand_total()[-3] == "-", run.output[-2000:]
     assert docker_started(lab, name) == docker_before
 
 
-def test_docker_restarts_only_when_the_merge_changes_something(lab):
+def test_docker_restarts_only_when_the_merge_changes_something(lab, secrets, deployed):
     name = "llama3-gpu-02"
     before = docker_started(lab, name)
     # a key the merge owns goes missing: the deploy restores it and restarts docker
     lab.ssh(name, "python3 -c \"import json; p='/etc/docker/daemon.json'; d=json.load(open(p)); "
                   "d.pop('default-runtime'); json.dump(d, open(p, 'w'))\"")
-    run = lab.pyinfra("--limit", name, extra_env=SECRETS)
+    run = lab.pyinfra("--limit", name, extra_env=secrets)
     assert run.returncode == 0, run.output[-2000:]
     assert docker_started(lab, name) != before
     assert lab.ssh(name, "docker info --format '{{.DefaultRuntime}}'").stdout.strip() == "nvidia"
     chat(lab.host(name).public_ip)  # vLLM came back after the docker restart
 
 
-def test_reboot_brings_docker_and_vllm_back(lab):
+def test_reboot_brings_docker_and_vllm_back(lab, deployed):
     name = "llama3-gpu-01"
     lab.ssh(name, "systemctl reboot", check=False)
     time.sleep(3)
@@ -162,13 +155,14 @@ def _grep_host_files(lab, name: str, needle: str) -> list[str]:
 
 
 @pytest.mark.parametrize("secret_name", ["HF_TOKEN", "VLLM_API_KEY"])
-def test_secrets_appear_nowhere_but_the_env_file(lab, secret_name):
-    secret = SECRETS[secret_name]
-    # pyinfra output at -vv with --diff, and the other runs
-    for key, run in RUNS.items():
-        assert secret not in run.output, f"{secret_name} in the {key} run's output"
+def test_secrets_appear_nowhere_but_the_env_file(lab, secrets, deployed, secret_name):
+    secret = secrets[secret_name]
+    # pyinfra output of the first deploy (-vv with --diff), and every other run on this lab
+    assert deployed.first_run in lab.runs
+    for i, run in enumerate(lab.runs):
+        assert secret not in run.output, f"{secret_name} in the output of run {i}: {run.args}"
     # a run at the highest verbosity too
-    loud = lab.pyinfra("-vvv", "--diff", "--limit", GOOD[0], extra_env=SECRETS)
+    loud = lab.pyinfra("-vvv", "--diff", "--limit", GOOD[0], extra_env=secrets)
     assert loud.returncode == 0 and secret not in loud.output
     for name in GOOD:
         ps = lab.ssh(name, "ps -eo args").stdout
@@ -189,29 +183,29 @@ def test_secrets_appear_nowhere_but_the_env_file(lab, secret_name):
                              "/etc/gpufleet/llama3.hf-token").stdout.split()
         assert sums[0] == hashlib.sha256(f"VLLM_API_KEY='{API}'\n".encode()).hexdigest()
         assert sums[2] == hashlib.sha256(
-            f"HF_TOKEN='{SECRETS['HF_TOKEN']}'\n".encode()).hexdigest()
+            f"HF_TOKEN='{secrets['HF_TOKEN']}'\n".encode()).hexdigest()
 
 
-def test_a_server_that_crashes_fails_the_host_with_its_last_log_lines(lab):
+def test_a_server_that_crashes_fails_the_host_with_its_last_log_lines(lab, secrets, deployed):
     name = "llama3-gpu-02"
     run = lab.pyinfra("--limit", name, "--data", 'container_env={"VLLM_STANDIN_FAIL": "crash"}',
-                      "--data", "cold_start_timeout=60", extra_env=SECRETS)
+                      "--data", "cold_start_timeout=60", extra_env=secrets)
     assert run.returncode == 1
     lines = "\n".join(run.host_lines(name))
     assert "vLLM keeps crashing" in lines or "did not answer 200" in lines, lines
     assert "Last log lines of gpufleet-llama3" in lines
     assert "stand-in" in lines.lower() or "error" in lines.lower()  # the container's own words
     # the next deploy of the good spec brings it back
-    run = lab.pyinfra("--limit", name, extra_env=SECRETS)
+    run = lab.pyinfra("--limit", name, extra_env=secrets)
     assert run.returncode == 0, run.output[-2000:]
     chat(lab.host(name).public_ip)
 
 
-def test_droplet_rebuild_through_the_api_really_wipes_the_host(lab):
+def test_droplet_rebuild_through_the_api_really_wipes_the_host(lab, deployed):
     from gpufleet.clients.digitalocean import DigitalOceanClient
 
     name = "llama3-gpu-03"
-    lab.ssh(name, "touch /root/marker-before-rebuild")
+    lab.ssh(name, "touch /root/marker-before-rebuild && test -e /etc/gpufleet/llama3.env")
     client = DigitalOceanClient(lab.env["DIGITALOCEAN_TOKEN"], lab.env["DIGITALOCEAN_API_URL"])
     droplet = next(d for d in client.list_droplets("llama3") if d.name == name)
     action = client.rebuild(droplet.id, "gpu-h100x1-base")

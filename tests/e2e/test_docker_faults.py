@@ -1,10 +1,10 @@
 """Faults on one lab host (prefix hc, subnet 10.223.0): a daemon.json docker refuses, a host
 lost in the middle of a deploy.
 
-The tests run in file order and build on each other: a first deploy; docker started with a flag
-that conflicts with a key the merge owns (docker 20.10 has no ``dockerd --validate``, and no
-version validates against its unit's flags); the host powered off, then cut off the network,
-while the deploy waits for its endpoint.
+Each test starts from the host as the first deploy left it (``deployed``: redeployed when a
+test before changed it): docker started with a flag that conflicts with a key the merge owns
+(docker 20.10 has no ``dockerd --validate``, and no version validates against its unit's flags);
+the host powered off, then cut off the network, while the deploy waits for its endpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet_lab import hosts as lab_hosts
-from tests.e2e.lab import BIN, ROOT, Lab, start_lab, strip_ansi
+from tests.e2e.lab import BIN, ROOT, Converged, Lab, converge, start_lab, strip_ansi
 
 PREFIX, SUBNET = "hc", "10.223.0"
 NAME = "llama3-gpu-01"
@@ -44,6 +44,17 @@ def secrets(lab: Lab) -> dict[str, str]:
     return {"HF_TOKEN": lab.env["HF_TOKEN"], "VLLM_API_KEY": API}
 
 
+@pytest.fixture(scope="module")
+def first_deploy(hc_lab: Lab) -> Converged:
+    return converge(hc_lab, [NAME], extra_env=secrets(hc_lab))
+
+
+@pytest.fixture
+def deployed(first_deploy: Converged) -> Converged:
+    first_deploy.restore()
+    return first_deploy
+
+
 def health(lab: Lab, timeout: float = 60) -> int:
     """/health of the container, asked on the host itself."""
     deadline = time.monotonic() + timeout
@@ -57,13 +68,13 @@ def health(lab: Lab, timeout: float = 60) -> int:
     return int(code or 0)
 
 
-def test_first_deploy(hc_lab):
-    run = hc_lab.pyinfra(extra_env=secrets(hc_lab))
+def test_first_deploy(hc_lab, first_deploy, deployed):
+    run = first_deploy.first_run
     assert run.returncode == 0, run.output[-3000:]
     assert health(hc_lab) == 200
 
 
-def test_daemon_json_docker_refuses_is_put_back_and_the_host_keeps_serving(hc_lab):
+def test_daemon_json_docker_refuses_is_put_back_and_the_host_keeps_serving(hc_lab, deployed):
     lab = hc_lab
     # docker.service passes $DOCKER_OPTS from /etc/default/docker: a flag for a key the merge
     # owns makes docker refuse the merged file (it runs on, until the next restart)
@@ -110,7 +121,8 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 180
 
 
 @pytest.mark.parametrize("how", ["power-off", "link-cut"])
-def test_host_lost_mid_deploy_is_reported_with_operation_and_reason(hc_lab, tmp_path, how):
+def test_host_lost_mid_deploy_is_reported_with_operation_and_reason(hc_lab, deployed, tmp_path,
+                                                                    how):
     lab = hc_lab
     log = tmp_path / f"{how}.log"
     # a new unit (slow cold start) so that the deploy waits for the endpoint

@@ -1,10 +1,14 @@
 """Fleet rollouts end to end on their own lab: four H100 hosts (prefix gr, subnet 10.218.0).
 
-The tests run in file order on one lab and build on each other: a plain deploy records release
-R1 (fp8); a rollout to fp16 (R2); a rollback to R1; a release that never becomes healthy; two
-rollouts at once; a host powered off during its batch; a host that drops off the network during
-its batch and one unreachable at the start; then the run lock against plain deploys (two at once,
-one during a rollout, one killed).
+Two releases matter: R1, what the plain deploy (fp8) records first (``r1``), and R2, what the
+first rollout to fp16 records (``r2``). Each test starts from the fleet state it names, and the
+fixture brings the fleet there (a rollout, only when it is not there already): ``on_r1``,
+``on_r2``, ``on_r2_after_r1`` (previous is R1: a rollback target), ``serving`` (any release,
+no lock), ``audit_history``. The scenarios: the plain deploy records R1; the rollout to fp16;
+a rollback to R1; a release that never becomes healthy; two rollouts at once; a host powered off
+during its batch; a host that drops off the network during its batch and one unreachable at the
+start; then the run lock against plain deploys (two at once, one during a rollout, one killed).
+Any test runs alone.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import os
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from gpufleet.fleet import run_lock
 from gpufleet.model import release as releases
 from gpufleet.model import secrets
 from gpufleet_lab import hosts as lab_hosts
@@ -25,7 +31,7 @@ from tests.e2e.lab import BIN, ROOT, Lab, Run, start_lab
 
 PREFIX, SUBNET = "gr", "10.218.0"
 NAMES = [f"llama3-gpu-{i:02d}" for i in range(1, 5)]
-SEEN: dict[str, str] = {}  # release ids found along the way: R1 (fp8), R2 (fp16)
+FP16 = ("--data", "quantization=fp16")  # the spec change from R1 to R2
 NEVER_HEALTHY = ['container_env={"VLLM_STANDIN_FAIL":"never-healthy"}', "cold_start_timeout=20"]
 
 
@@ -119,28 +125,157 @@ def index_of(output: str, needle: str) -> int:
     return output.index(needle)
 
 
+# -- the fleet states the tests start from ----------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    """A run and the releases on the hosts right after it."""
+
+    run: Run
+    rows: dict[str, dict]
+
+
+def settled_rows(lab: Lab) -> dict[str, dict]:
+    """The releases table once every host answers and holds no lock: a test that failed half-way
+    may have left a host powered off, off the network, or with a lock whose run is gone."""
+    for name in NAMES:
+        lab.answering(name)
+    rows = host_releases(lab)
+    for name in [n for n, r in rows.items() if r.get("lock")]:
+        lab.ssh(name, run_lock.break_command("llama3").get_raw_value())
+    return host_releases(lab) if any(r.get("lock") for r in rows.values()) else rows
+
+
+def on_release(row: dict, release: str, previous: str | None = None) -> bool:
+    return (row.get("current") == release and not row.get("drift") and not row.get("lock")
+            and (previous is None or row.get("previous") == previous))
+
+
+def bring_fleet_to(lab: Lab, release: str, *data: str) -> None:
+    """Every host on ``release``, its unit in place: a rollout of the spec changed by ``data``
+    (the one that makes ``release``) when one host is not."""
+    rows = settled_rows(lab)
+    if all(on_release(rows[n], release) for n in NAMES):
+        return
+    run = rollout(lab, *data, "--batch", "100%")
+    assert run.returncode == 0, run.output
+    rows = host_releases(lab)
+    assert all(on_release(rows[n], release) for n in NAMES), rows
+
+
+@pytest.fixture(scope="session")
+def plain_deploy(rollout_lab: Lab) -> Recorded:
+    """The plain deploy on the fresh lab: every host records its first release, R1 (fp8)."""
+    run = rollout_lab.pyinfra()
+    return Recorded(run, host_releases(rollout_lab))
+
+
+@pytest.fixture(scope="session")
+def r1(plain_deploy: Recorded) -> str:
+    ids = {r["current"] for r in plain_deploy.rows.values()}
+    assert len(ids) == 1 and None not in ids, (plain_deploy.rows,
+                                               plain_deploy.run.output[-3000:])
+    return ids.pop()
+
+
+@pytest.fixture(scope="session")
+def first_rollout(rollout_lab: Lab, r1: str) -> Recorded:
+    """The rollout to fp16 in batches of two, from every host on R1: it records R2."""
+    bring_fleet_to(rollout_lab, r1)
+    run = rollout(rollout_lab, *FP16, "--batch", "2")
+    return Recorded(run, host_releases(rollout_lab))
+
+
+@pytest.fixture(scope="session")
+def r2(first_rollout: Recorded, r1: str) -> str:
+    ids = {r["current"] for r in first_rollout.rows.values()}
+    assert len(ids) == 1 and None not in ids and r1 not in ids, (
+        first_rollout.rows, first_rollout.run.output[-3000:])
+    return ids.pop()
+
+
+@pytest.fixture
+def on_r1(rollout_lab: Lab, r1: str) -> str:
+    bring_fleet_to(rollout_lab, r1)
+    return r1
+
+
+@pytest.fixture
+def on_r2(rollout_lab: Lab, r2: str) -> str:
+    bring_fleet_to(rollout_lab, r2, *FP16)
+    return r2
+
+
+@pytest.fixture
+def on_r2_after_r1(rollout_lab: Lab, r1: str, r2: str) -> tuple[str, str]:
+    """Every host on R2 with R1 as its previous release (what a rollback goes back to)."""
+    rows = settled_rows(rollout_lab)
+    if not all(on_release(rows[n], r2, previous=r1) for n in NAMES):
+        bring_fleet_to(rollout_lab, r1)
+        bring_fleet_to(rollout_lab, r2, *FP16)
+    rows = host_releases(rollout_lab)
+    assert all(on_release(rows[n], r2, previous=r1) for n in NAMES), rows
+    return r1, r2
+
+
+@pytest.fixture
+def serving(rollout_lab: Lab, r1: str) -> None:
+    """Every host serving a release it recorded, unit in place, no lock (R1 when not)."""
+    rows = settled_rows(rollout_lab)
+    if not all(r.get("current") and not r.get("drift") for r in rows.values()):
+        bring_fleet_to(rollout_lab, r1)
+
+
+AUDITED_ROLLOUTS, AUDITED_ROLLBACKS = 4, 1  # what the audit trail test reads back on the first host
+
+
+@pytest.fixture
+def audit_history(rollout_lab: Lab, r1: str, r2: str) -> None:
+    """The first host went through at least four rollouts and one rollback (audit lines). The
+    scenarios before it in this file leave more; alone, the test makes them: a rollback and
+    rollouts of that host only, between R1 and R2."""
+    lab, first = rollout_lab, NAMES[0]
+
+    def counts() -> tuple[int, int]:
+        audit = [json.loads(x)["command"] for x in lab.ssh(
+            first, f"cat {releases.audit_log('llama3')}", check=False).stdout.splitlines()]
+        return audit.count("rollout"), audit.count("rollback")
+
+    settled_rows(lab)
+    if counts()[1] < AUDITED_ROLLBACKS:
+        run = gpufleet(lab, "rollback", "inventories/do.py", "--limit", first, "--yes")
+        assert run.returncode == 0, run.output
+    while counts()[0] < AUDITED_ROLLOUTS:
+        data = () if currents(lab)[first] == r2 else FP16  # to the other one of R1 and R2
+        run = rollout(lab, *data, "--limit", first)
+        assert run.returncode == 0, run.output
+    assert counts()[1] >= AUDITED_ROLLBACKS
+
+
 # -- the tests ------------------------------------------------------------------------------------
 
 
-def test_plain_deploy_records_the_release_and_a_rerun_reads_one_fact(rollout_lab):
+def test_plain_deploy_records_the_release_and_a_rerun_reads_one_fact(rollout_lab, plain_deploy):
     lab = rollout_lab
-    run = lab.pyinfra()
+    run, rows = plain_deploy.run, plain_deploy.rows
     assert run.returncode == 0, run.output[-3000:]
-    rows = host_releases(lab)
     ids = {r["current"] for r in rows.values()}
     assert len(ids) == 1 and None not in ids, rows
-    SEEN["R1"] = ids.pop()
+    r1 = ids.pop()
     assert all(r["previous"] is None and r["quantization"] == "fp8" for r in rows.values())
     # a re-run of the same release: the record op changes nothing and runs one command (a fact)
+    bring_fleet_to(lab, r1)
     again = lab.pyinfra("-vv", "--limit", NAMES[0])
     assert again.returncode == 0, again.output[-3000:]
-    section = again.output.split(f"Release {SEEN['R1']} recorded")[1].split("--> ")[0]
+    section = again.output.split(f"Release {r1} recorded")[1].split("--> ")[0]
     assert section.count(">>>") == 1 and "No changes" in section, section
 
 
-def test_rollout_canary_then_batches_every_host_healthy_on_the_new_release(rollout_lab):
+def test_rollout_canary_then_batches_every_host_healthy_on_the_new_release(rollout_lab, r1,
+                                                                          first_rollout):
     lab = rollout_lab
-    run = rollout(lab, "--data", "quantization=fp16", "--batch", "2")
+    run = first_rollout.run  # from every host on R1
     out = run.output
     assert run.returncode == 0, out
     # order and batch boundaries
@@ -157,25 +292,24 @@ def test_rollout_canary_then_batches_every_host_healthy_on_the_new_release(rollo
         assert "deploying" in phases and "waiting for health" in phases, phases
     rows = host_releases(lab)
     r2 = rows[NAMES[0]]["current"]
-    assert r2 != SEEN["R1"]
-    SEEN["R2"] = r2
+    assert r2 != r1
     for name in NAMES:
-        assert rows[name]["current"] == r2 and rows[name]["previous"] == SEEN["R1"]
+        assert rows[name]["current"] == r2 and rows[name]["previous"] == r1
         assert rows[name]["quantization"] == "fp16" and not rows[name]["lock"]
         assert "--dtype float16" in lab.ssh(name, "cat /etc/systemd/system/gpufleet-llama3"
                                                   ".service").stdout.replace('"', "")
         assert chat(lab, name)
         table = [ln for ln in out.splitlines() if ln.startswith(name)]
-        assert table and f"{SEEN['R1']}  {r2}" in table[-1] and "healthy" in table[-1]
+        assert table and f"{r1}  {r2}" in table[-1] and "healthy" in table[-1]
     # the audit log on every host
     audit = [json.loads(x) for x in lab.ssh(NAMES[1], "cat /var/lib/gpufleet/llama3/audit.log")
              .stdout.splitlines()]
     assert audit[-1]["command"] == "rollout" and audit[-1]["result"] == "completed"
-    assert audit[-1]["from_release"] == SEEN["R1"] and audit[-1]["to_release"] == r2
+    assert audit[-1]["from_release"] == r1 and audit[-1]["to_release"] == r2
     assert audit[-1]["batch"] == "batch 2" and audit[-1]["by"].startswith("root@")
 
 
-def test_a_second_run_of_the_same_rollout_changes_nothing(rollout_lab):
+def test_a_second_run_of_the_same_rollout_changes_nothing(rollout_lab, on_r2):
     lab = rollout_lab
     before = {n: started_at(lab, n) for n in NAMES}
     run = rollout(lab, "--data", "quantization=fp16", "--json")
@@ -186,8 +320,10 @@ def test_a_second_run_of_the_same_rollout_changes_nothing(rollout_lab):
     assert {n: started_at(lab, n) for n in NAMES} == before
 
 
-def test_rollback_returns_every_host_to_the_previous_release_without_downloading(rollout_lab):
+def test_rollback_returns_every_host_to_the_previous_release_without_downloading(rollout_lab,
+                                                                                 on_r2_after_r1):
     lab = rollout_lab
+    r1, r2 = on_r2_after_r1
     since = lab.ssh(NAMES[0], "date +%s").stdout.strip()
     images = {n: lab.ssh(n, "docker images --digests --format '{{.ID}} {{.Repository}}:"
                             "{{.Tag}}' | sort").stdout for n in NAMES}
@@ -195,7 +331,7 @@ def test_rollback_returns_every_host_to_the_previous_release_without_downloading
     assert run.returncode == 0, run.output
     rows = host_releases(lab)
     for name in NAMES:
-        assert rows[name]["current"] == SEEN["R1"] and rows[name]["previous"] == SEEN["R2"]
+        assert rows[name]["current"] == r1 and rows[name]["previous"] == r2
         assert "--quantization fp8" in lab.ssh(name, "cat /etc/systemd/system/gpufleet-llama3"
                                                      ".service").stdout
         assert chat(lab, name)
@@ -208,34 +344,35 @@ def test_rollback_returns_every_host_to_the_previous_release_without_downloading
     assert "rollback" in run.output and "completed" in run.output
 
 
-def test_release_that_never_gets_healthy_stops_at_the_canary_rolled_back(rollout_lab):
-    lab = rollout_lab
+def test_release_that_never_gets_healthy_stops_at_the_canary_rolled_back(rollout_lab, on_r1):
+    lab, r1 = rollout_lab, on_r1
     others = NAMES[1:]
     before = {n: (started_at(lab, n), unit_sha(lab, n)) for n in others}
     run = rollout(lab, *[a for d in NEVER_HEALTHY for a in ("--data", d)])
     out = run.output
     assert run.returncode == 3, out
     assert "/health did not answer 200 within 20s" in out
-    assert f"llama3-gpu-01   rolled back to {SEEN['R1']}, healthy" in out
+    assert f"llama3-gpu-01   rolled back to {r1}, healthy" in out
     assert "aborted" in out and "3 host(s) not reached" in out
     assert "== batch 2" not in out
     bad = next(ln.split()[3] for ln in out.splitlines() if ln.startswith("llama3-gpu-01  canary"))
     rows = host_releases(lab)
     # the canary serves again, on the release it had; the failed one was never recorded
-    assert rows[NAMES[0]]["current"] == SEEN["R1"] and chat(lab, NAMES[0])
-    assert bad != SEEN["R1"] and bad not in rows[NAMES[0]]["kept"]
+    assert rows[NAMES[0]]["current"] == r1 and chat(lab, NAMES[0])
+    assert bad != r1 and bad not in rows[NAMES[0]]["kept"]
     assert lab.ssh(NAMES[0], "grep -c never-healthy /etc/systemd/system/gpufleet-llama3.service",
                    check=False).stdout.strip() == "0"
     # the other hosts never changed: same release, same unit, container not restarted
     for name in others:
-        assert rows[name]["current"] == SEEN["R1"]
+        assert rows[name]["current"] == r1
         assert (started_at(lab, name), unit_sha(lab, name)) == before[name]
         table = next(ln for ln in out.splitlines() if ln.startswith(name))
         assert "not reached" in table
 
 
-def test_two_rollouts_at_once_the_second_refuses_naming_the_holder(rollout_lab, tmp_path):
-    lab = rollout_lab
+def test_two_rollouts_at_once_the_second_refuses_naming_the_holder(rollout_lab, on_r1, r2,
+                                                                  tmp_path):
+    lab = rollout_lab  # on R1: the first rollout has work to do while the second comes
     log = tmp_path / "first.log"
     first = start_rollout(lab, log, "--data", "quantization=fp16", "--batch", "100%",
                           "--pause", "5")
@@ -245,7 +382,7 @@ def test_two_rollouts_at_once_the_second_refuses_naming_the_holder(rollout_lab, 
         second = rollout(lab, "--data", "quantization=fp16")
         assert second.returncode == 5, second.output
         assert f"held on llama3-gpu-01, llama3-gpu-02, llama3-gpu-03, llama3-gpu-04 by rollout " \
-               f"{rollout_id} to release {SEEN['R2']} by root@" in second.output
+               f"{rollout_id} to release {r2} by root@" in second.output
         assert "(pid " in second.output and "nothing changed" in second.output
         assert "--wait" in second.output and "--break-lock" in second.output
         assert first.wait(timeout=300) == 0, log.read_text()
@@ -254,7 +391,7 @@ def test_two_rollouts_at_once_the_second_refuses_naming_the_holder(rollout_lab, 
             first.terminate()
             first.wait(timeout=60)
     rows = host_releases(lab)
-    assert all(r["current"] == SEEN["R2"] and not r["lock"] for r in rows.values())
+    assert all(r["current"] == r2 and not r["lock"] for r in rows.values())
 
 
 def _lose_host_during_batch(lab: Lab, tmp_path: Path, name: str, how: str) -> str:
@@ -289,8 +426,8 @@ def _assert_lost(out: str, name: str, untouched: str) -> None:
     assert "llama3-gpu-02   healthy on" in out  # its batch mate made it
 
 
-def test_host_powered_off_during_its_batch_counts_as_failed(rollout_lab, tmp_path):
-    lab = rollout_lab
+def test_host_powered_off_during_its_batch_counts_as_failed(rollout_lab, on_r2, tmp_path):
+    lab, r2 = rollout_lab, on_r2
     before = (started_at(lab, NAMES[3]), unit_sha(lab, NAMES[3]))
     out = _lose_host_during_batch(lab, tmp_path, NAMES[2], "power-off")
     _assert_lost(out, NAMES[2], NAMES[3])
@@ -303,14 +440,12 @@ def test_host_powered_off_during_its_batch_counts_as_failed(rollout_lab, tmp_pat
     back = gpufleet(lab, "rollback", "inventories/do.py", "--limit", NAMES[2], "--yes")
     assert back.returncode == 0, back.output
     assert "broke the lock of" not in back.output
-    assert currents(lab)[NAMES[2]] == SEEN["R2"] and chat(lab, NAMES[2])
+    assert currents(lab)[NAMES[2]] == r2 and chat(lab, NAMES[2])
 
 
-def test_host_dropping_off_the_network_during_its_batch_counts_as_failed(rollout_lab, tmp_path):
-    lab = rollout_lab
-    # back to one release everywhere first
-    reset = rollout(lab, "--data", "quantization=fp16", "--batch", "100%")
-    assert reset.returncode == 0, reset.output
+def test_host_dropping_off_the_network_during_its_batch_counts_as_failed(rollout_lab, on_r2,
+                                                                         tmp_path):
+    lab, r2 = rollout_lab, on_r2  # one release everywhere first
     before = (started_at(lab, NAMES[3]), unit_sha(lab, NAMES[3]))
     out = _lose_host_during_batch(lab, tmp_path, NAMES[2], "link-cut")
     try:
@@ -333,10 +468,10 @@ def test_host_dropping_off_the_network_during_its_batch_counts_as_failed(rollout
     back = gpufleet(lab, "rollback", "inventories/do.py", "--limit", NAMES[2], "--break-lock",
                     "--yes")
     assert back.returncode == 0, back.output
-    assert currents(lab)[NAMES[2]] == SEEN["R2"] and chat(lab, NAMES[2])
+    assert currents(lab)[NAMES[2]] == r2 and chat(lab, NAMES[2])
 
 
-def test_releases_table_and_audit_trail(rollout_lab):
+def test_releases_table_and_audit_trail(rollout_lab, r1, r2, audit_history):
     lab = rollout_lab
     run = gpufleet(lab, "releases", "inventories/do.py")
     assert run.returncode == 0 and "service llama3" in run.output
@@ -349,7 +484,7 @@ def test_releases_table_and_audit_trail(rollout_lab):
     assert commands.count("rollout") >= 4 and commands.count("rollback") >= 1
     assert all(a["rollout"] and a["by"] and a["finished"] for a in audit)
     kept = lab.ssh(NAMES[0], f"ls {releases.releases_dir('llama3')}").stdout.split()
-    assert SEEN["R1"] in kept and SEEN["R2"] in kept
+    assert r1 in kept and r2 in kept
 
 
 # -- one run at a time per host, for every kind of run ---------------------------------------------
@@ -391,7 +526,8 @@ def assert_records_match_the_servers(lab: Lab, max_num_seqs: str) -> None:
         assert flags[flags.index("--max-num-seqs") + 1] == max_num_seqs
 
 
-def test_two_deploys_at_once_one_runs_one_refuses_naming_the_holder(rollout_lab, tmp_path):
+def test_two_deploys_at_once_one_runs_one_refuses_naming_the_holder(rollout_lab, serving,
+                                                                    tmp_path):
     lab = rollout_lab
     log = tmp_path / "first.log"
     first = start_deploy(lab, log, "--data", "quantization=fp16", "--data", "max_num_seqs=20")
@@ -412,6 +548,7 @@ def test_two_deploys_at_once_one_runs_one_refuses_naming_the_holder(rollout_lab,
 
 
 def test_a_plain_deploy_during_a_rollout_is_refused_and_waits_with_gpufleet_wait(rollout_lab,
+                                                                                 serving,
                                                                                  tmp_path):
     lab = rollout_lab
     log = tmp_path / "rollout.log"
@@ -435,7 +572,7 @@ def test_a_plain_deploy_during_a_rollout_is_refused_and_waits_with_gpufleet_wait
     assert_records_match_the_servers(lab, "30")
 
 
-def test_a_killed_deploy_leaves_no_lock_behind(rollout_lab, tmp_path):
+def test_a_killed_deploy_leaves_no_lock_behind(rollout_lab, serving, tmp_path):
     lab = rollout_lab
     log = tmp_path / "killed.log"
     proc = start_deploy(lab, log, "--data", "quantization=fp16", "--data", "max_num_seqs=31",

@@ -1,7 +1,8 @@
 """End to end on a lab of its own (prefix "hb", one H100 host): the server gets only its API key,
 the Hub token has its own root-only file (removed when no token is set), and killing the
 controller during weight staging stops the stager on the host; the next run resumes it, so the
-weights travel once, not twice."""
+weights travel once, not twice. Each test starts from the host as the first deploy left it
+(``deployed``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import urllib.request
 import pytest
 
 from gpufleet_lab import manager
-from tests.e2e.lab import BIN, ROOT, Lab, start_lab
+from tests.e2e.lab import BIN, ROOT, Converged, Lab, converge, start_lab
 
 PREFIX, SUBNET = "hb", "10.222.0"
 HOST = "llama3-gpu-01"
@@ -38,6 +39,17 @@ def lab():
 
 def secrets(lab: Lab) -> dict[str, str]:
     return {"HF_TOKEN": lab.env["HF_TOKEN"], "VLLM_API_KEY": API}
+
+
+@pytest.fixture(scope="module")
+def first_deploy(lab: Lab) -> Converged:
+    return converge(lab, [HOST], extra_env=secrets(lab))
+
+
+@pytest.fixture
+def deployed(first_deploy: Converged) -> Converged:
+    first_deploy.restore()
+    return first_deploy
 
 
 def hub(lab: Lab, path: str, body: dict | None = None, method: str | None = None) -> dict:
@@ -64,8 +76,8 @@ def stagers(lab: Lab) -> list[str]:
             if "stage_weights.py" in line and "ps -eo" not in line]
 
 
-def test_the_server_has_the_api_key_and_not_the_hub_token(lab):
-    run = lab.pyinfra(extra_env=secrets(lab))
+def test_the_server_has_the_api_key_and_not_the_hub_token(lab, deployed):
+    run = deployed.first_run
     assert run.returncode == 0, run.output[-3000:]
     token = lab.env["HF_TOKEN"]
     # every process of the container: vLLM (pid 1, the entrypoint exec'ed it) has the API key
@@ -88,7 +100,8 @@ def test_the_server_has_the_api_key_and_not_the_hub_token(lab):
     assert token not in run.output
 
 
-def test_a_token_that_is_no_longer_set_is_removed(lab):
+def test_a_token_that_is_no_longer_set_is_removed(lab, deployed):
+    lab.ssh(HOST, f"test -f {TOKEN_FILE}")
     # a public model needs no token: the deploy without HF_TOKEN removes the old token file
     run = lab.pyinfra("--data", "model=gpufleet-lab/tiny-llama", "--data", "max_model_len=2048",
                       extra_env={**secrets(lab), "HF_TOKEN": ""})
@@ -100,7 +113,7 @@ def test_a_token_that_is_no_longer_set_is_removed(lab):
     assert lab.ssh(HOST, f"stat -c '%a %U' {TOKEN_FILE}").stdout.strip() == "600 root"
 
 
-def test_killing_the_controller_stops_the_stager_and_the_next_run_resumes(lab):
+def test_killing_the_controller_stops_the_stager_and_the_next_run_resumes(lab, deployed):
     lab.ssh(HOST, f"rm -rf {MODEL_DIR}")
     total = model_bytes(lab)
     before = host_bytes(lab)
