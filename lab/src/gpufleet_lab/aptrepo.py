@@ -468,7 +468,7 @@ fi
 exit 0
 """
 
-STANDIN_NOTE = ("gpufleet lab STAND-IN: not NVIDIA software. Built by gpufleet/lab/aptrepo.py "
+STANDIN_NOTE = ("gpufleet lab STAND-IN: not NVIDIA software. Built by lab/src/gpufleet_lab/aptrepo.py "
                 "so that deploys can install the toolkit from a signed apt repository in the "
                 "lab.")
 

@@ -230,7 +230,7 @@ def image_config(diff_id: str, version: str, tag: str) -> dict[str, Any]:
                 "org.opencontainers.image.title": "vllm-openai (gpufleet lab stand-in)",
                 "org.opencontainers.image.description":
                     "gpufleet lab STAND-IN for vllm/vllm-openai: Debian bookworm + python3 "
-                    "running gpufleet/lab/vllm_standin.py. Not vLLM; no GPU code, no weights.",
+                    "running lab/src/gpufleet_lab/vllm_standin.py. Not vLLM; no GPU code, no weights.",
                 "org.opencontainers.image.version": version,
                 "io.gpufleet.lab.standin": "true",
                 "io.gpufleet.lab.standin-for": f"{VLLM_REPOSITORY}:{tag}",
@@ -334,7 +334,7 @@ def install_standin(rootfs: Path) -> None:
     marker = rootfs / "etc/gpufleet-lab-standin"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("This root filesystem is the gpufleet lab STAND-IN for vllm/vllm-openai.\n"
-                      "/usr/local/bin/vllm is gpufleet/lab/vllm_standin.py, not vLLM.\n")
+                      "/usr/local/bin/vllm is lab/src/gpufleet_lab/vllm_standin.py, not vLLM.\n")
 
 
 def build_vllm_image(cache_dir: Path, tag: str = DEFAULT_TAG, *,

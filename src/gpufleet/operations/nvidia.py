@@ -11,6 +11,7 @@ from pyinfra.facts.files import File, FileContents
 from gpufleet.facts.nvidia import NvidiaGpus
 from gpufleet.facts.toolkit import AptVersionKnown, DebVersions, NvidiaAptSources
 from gpufleet.model.gpu_check import GpuRequirements, check_gpus, describe_gpus
+from gpufleet.model.gpus import VLLM_FLOOR
 from gpufleet.operations.util import fail_host
 
 TOOLKIT_PACKAGES = (
@@ -28,8 +29,8 @@ APT_ENV = "DEBIAN_FRONTEND=noninteractive"
 def gpus_verified(
     count: int = 1,
     memory_mib: int = 0,
-    compute_capability: tuple[int, int] = (7, 0),
-    why_compute_capability: str = "vLLM needs compute capability 7.0 or newer",
+    compute_capability: tuple[int, int] = VLLM_FLOOR.capability,
+    why_compute_capability: str = VLLM_FLOOR.reason,
     host_name: str | None = None,
     plan_refusal: str | None = None,
 ):
