@@ -33,7 +33,7 @@ class Holder:
             args += ["--wait", str(wait)]
         if expiry:
             args += ["--expiry", str(expiry)]
-        self.proc = subprocess.Popen(["python3", "-c", hostlock._BOOT, *args],
+        self.proc = subprocess.Popen(["python3", "-I", "-S", "-c", hostlock._BOOT, *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         body = hostlock.script()
         assert self.proc.stdin and self.proc.stdout

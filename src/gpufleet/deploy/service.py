@@ -165,15 +165,17 @@ def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.Servi
 
     pyinfra_docker.image(name=f"Image {spec.image}", image=spec.image, present=True)
     # the server gets only its API key; the Hub token is for the weight staging alone
+    both = [spec.env_file, spec.hf_token_file]  # read with one fact command
     env_file = vllm.secret_file(
         name=f"Env file {spec.env_file} (0600, API key)", path=spec.env_file,
-        content=secrets.server_env(),
+        content=secrets.server_env(), read_with=both,
     )
     token_file = secrets.hub_token_file()
     vllm.secret_file(
         name=(f"Hub token file {spec.hf_token_file} (0600)" if token_file is not None
               else f"No Hub token file {spec.hf_token_file} (no HF_TOKEN)"),
         path=spec.hf_token_file, content=token_file, present=token_file is not None,
+        read_with=both,
     )
     if shape is not None:
         # before the unit changes: the running server keeps serving while bytes travel

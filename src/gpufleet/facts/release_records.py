@@ -38,7 +38,7 @@ def script_command(subcommand: str, **options: str | int) -> StringCommand:
     ``-`` a value."""
     body = QuoteString(HiddenValue(script(), f"<hostscripts/{SCRIPT}>"))
     args = [QuoteString(f"--{key.replace('_', '-')}={value}") for key, value in options.items()]
-    return StringCommand("python3", "-c", body, subcommand, *args)
+    return StringCommand("python3", "-I", "-S", "-c", body, subcommand, *args)
 
 
 class ReleaseState(FactBase[dict]):

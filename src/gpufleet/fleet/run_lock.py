@@ -135,7 +135,7 @@ def _command(state: State, host: Host, args: list[str]) -> str:
     for key in ("_timeout", "_get_pty", "_stdin", "_success_exit_codes", "_retries",
                 "_retry_delay", "_retry_until"):
         connector_args.pop(key, None)
-    command = StringCommand("python3", "-c", _quote(_BOOT), *map(_quote, args))
+    command = StringCommand("python3", "-I", "-S", "-c", _quote(_BOOT), *map(_quote, args))
     return make_unix_command_for_host(state, host, command, **connector_args).get_raw_value()
 
 
@@ -224,7 +224,7 @@ def break_command(service: str) -> StringCommand:
     body = script()
     return StringCommand(
         "printf", _quote("%s\\n%s"), str(len(body)), _quote(body), "|",
-        "python3", "-c", _quote(_BOOT), "break", "--dir", _quote(releases.service_dir(service)))
+        "python3", "-I", "-S", "-c", _quote(_BOOT), "break", "--dir", _quote(releases.service_dir(service)))
 
 
 def release_all() -> None:

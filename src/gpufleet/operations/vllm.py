@@ -7,8 +7,8 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
-from pyinfra.facts.files import File, Sha256File
 
+from gpufleet.facts.hostfiles import FileDigests
 from gpufleet.facts.vllm import VllmEndpoint
 from gpufleet.model.names import VERIFY_SCRIPT
 from gpufleet.model.secrets import Secret
@@ -16,7 +16,7 @@ from gpufleet.model.secrets import Secret
 
 @operation()
 def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: str = "700",
-                present: bool = True):
+                present: bool = True, read_with: list[str] | None = None):
     """
     Write a root-only file holding secrets, without ever showing its content: no command line,
     no ``--diff``, no output. Compared by SHA-256, uploaded over SFTP into a root-only directory
@@ -28,6 +28,8 @@ def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: 
     + mode: the file's mode
     + dir_mode: the mode of its directory
     + present: whether the file should exist
+    + read_with: the other secret files of the service: every call that passes the same list
+      reads all of them with one fact command (a no-op run stays cheap)
 
     **Example:**
 
@@ -37,6 +39,7 @@ def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: 
             name="Env file for llama3",
             path="/etc/gpufleet/llama3.env",
             content=Secret("VLLM_API_KEY=...\\n"),
+            read_with=["/etc/gpufleet/llama3.hf-token"],
         )
         vllm.secret_file(
             name="No Hub token file for llama3 (public model)",
@@ -45,7 +48,8 @@ def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: 
             present=False,
         )
     """
-    info = host.get_fact(File, path=path)
+    paths = sorted({path, *(read_with or [])})
+    info = host.get_fact(FileDigests, paths=paths).get(path)
     if not present:
         if info:
             yield StringCommand("rm", "-f", QuoteString(path))
@@ -57,8 +61,8 @@ def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: 
     directory = path.rsplit("/", 1)[0] or "/"
     text = content.reveal()
     wanted = hashlib.sha256(text.encode()).hexdigest()
-    same_content = bool(info) and host.get_fact(Sha256File, path=path) == wanted
-    right_mode = bool(info) and info.get("mode") == int(mode) and info.get("user") == "root"
+    same_content = bool(info) and info.get("sha256") == wanted
+    right_mode = bool(info) and info.get("mode") == mode and info.get("user") == "root"
     if same_content and right_mode:
         host.noop(f"{path} is up to date")
         return
