@@ -85,6 +85,30 @@ def test_connection_gone_and_host_silent_is_reported_as_lost(errors):
     assert "SSH connection closed; the host did not answer on port 22 since " in line
 
 
+def test_a_host_powered_off_with_no_logged_error_and_an_open_transport_is_lost(errors):
+    # what pyinfra shows as "executed 0 commands": no socket error logged, the transport still
+    # looks active; the host's SSH port does not answer
+    host = fake_host("llama3-gpu-01", FakeTransport(active=True))
+    state = make_state(host)
+    reporter = lost_hosts.LostHostReporter(probe=lambda address: False, watch=False)
+    reporter.operation_host_start(state, host, OP)
+    reporter.operation_host_error(state, host, OP)
+    (line,) = [r.getMessage() for r in errors.records]
+    assert line.startswith("llama3-gpu-01: lost at operation 'Weights m@abc staged in ")
+    assert "the host did not answer on port 22 since " in line
+
+
+def test_a_host_that_answers_once_more_while_powering_off_is_still_lost(errors):
+    host = fake_host("llama3-gpu-01", FakeTransport(active=True))
+    state = make_state(host)
+    answers = iter([True, False])  # its listener takes one last connection, then it is gone
+    reporter = lost_hosts.LostHostReporter(probe=lambda address: next(answers), watch=False,
+                                           settle=0)
+    reporter.operation_host_start(state, host, OP)
+    reporter.operation_host_error(state, host, OP)
+    assert errors.records and "lost at operation" in errors.records[-1].getMessage()
+
+
 def test_the_ssh_error_pyinfra_logged_is_the_reason(errors):
     host = fake_host("llama3-gpu-02", FakeTransport(active=True))
     state = make_state(host)

@@ -46,6 +46,7 @@ from gpufleet.fleet.watchdog import (
     tcp_probe,
 )
 
+SETTLE_PROBES, SETTLE_S = 3, 0.5  # a failed host must answer this often to be "not lost"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONNECTION_ERRORS = ("Command socket/SSH error: ", "Command timed out", "Command IO error: ")
 
@@ -86,8 +87,9 @@ class LostHostReporter(BaseStateCallback):
     """Callback handler: the reason line for a host lost during the run (see the module)."""
 
     def __init__(self, probe: Probe = tcp_probe, interval: float = PROBE_INTERVAL,
-                 misses: int = PROBE_MISSES, watch: bool = True) -> None:
-        self.probe, self.interval, self.watch = probe, interval, watch
+                 misses: int = PROBE_MISSES, watch: bool = True,
+                 settle: float = SETTLE_S) -> None:
+        self.probe, self.interval, self.watch, self.settle = probe, interval, watch, settle
         self.current: dict[str, tuple[str, float]] = {}  # host -> (op name, started)
         # since: host -> wall clock of the first missed probe (or of the lost connection)
         self.probes = MissedProbes(misses, _clock)
@@ -116,13 +118,26 @@ class LostHostReporter(BaseStateCallback):
         if host.name in self.reported:
             return
         error = _ERRORS.last.pop(host.name, None)
-        if host.name not in self.lost and (error is None and not self._transport_dead(host)):
-            return  # an ordinary failure on a host that is there: its own message says why
-        if host.name not in self.lost and self.probe(ssh_address(host)):
-            return  # the connection broke but the host answers: not lost
+        # Ask the host itself: a failure on a host that answers its SSH port is an ordinary one
+        # (its own message says why). The error text and the transport cannot tell alone: a
+        # host powered off mid-command may leave neither a logged socket error nor a closed
+        # transport by the time pyinfra reports "executed 0 commands".
+        if host.name not in self.lost and self._answers(host):
+            return
         self.probes.since.setdefault(host.name, _clock())
         self.reported.add(host.name)
         logger.error(self.reason(host, op_name(state, op_hash), error))
+
+    def _answers(self, host: Host) -> bool:
+        """Whether the host's SSH port answers now and still a moment later: a host powering
+        off can accept one more connection while its connection to us breaks."""
+        address = ssh_address(host)
+        for attempt in range(SETTLE_PROBES):
+            if attempt:
+                time.sleep(self.settle)
+            if not self.probe(address):
+                return False
+        return True
 
     # -- the reason -------------------------------------------------------------------------
 
@@ -137,14 +152,6 @@ class LostHostReporter(BaseStateCallback):
         return (f"{host.name}: lost at operation {op!r} after {time.monotonic() - started:.1f} "
                 f"s: {error}; the host did not answer on port {port} since "
                 f"{self.probes.since.get(host.name, _clock())}")
-
-    @staticmethod
-    def _transport_dead(host: Host) -> bool:
-        client = getattr(getattr(host, "connector", None), "client", None)
-        if client is None:
-            return False
-        transport = client.get_transport()
-        return transport is None or not transport.is_active()
 
     # -- the watchdog -----------------------------------------------------------------------
 
