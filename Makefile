@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 LAB_ENV = /var/tmp/gpufleet-lab/gf/lab.env
 
-.PHONY: venv demo lab-up lab-down lab-status test unit lint lowest bench clean
+.PHONY: tools venv demo lab-up lab-down lab-status test unit lint lowest bench clean
 
 $(BIN)/gpufleet: pyproject.toml lab/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,18 @@ $(BIN)/gpufleet: pyproject.toml lab/pyproject.toml
 
 venv: $(BIN)/gpufleet
 
-demo: venv
+# the Debian packages the lab needs (lab/src/gpufleet_lab/host_tools.txt), installed if missing
+tools:
+	sh lab/install-tools.sh
+
+demo: tools venv
 	$(BIN)/gpufleet-lab up
 	set -a && . $(LAB_ENV) && set +a && \
 	  PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pyinfra -y inventories/do.py deploys/llama3.py
 	set -a && . $(LAB_ENV) && set +a && $(BIN)/gpufleet-lab ask "Say hello to the fleet."
 	@echo "The lab is still up: 'make lab-down' takes it down."
 
-lab-up: venv
+lab-up: tools venv
 	$(BIN)/gpufleet-lab up
 
 lab-down: venv
@@ -32,7 +36,7 @@ lab-down: venv
 lab-status: venv
 	$(BIN)/gpufleet-lab status
 
-test: venv
+test: tools venv
 	$(BIN)/pytest
 
 unit: venv

@@ -29,7 +29,7 @@ def steps(monkeypatch, tmp_path):
 
     monkeypatch.setattr(manager, "check_tools", step("check_tools"))
     monkeypatch.setattr(manager.aptrepo, "build_toolkit_repo", step("aptrepo", Repo()))
-    monkeypatch.setattr(manager.images, "build_vllm_image", step("image"))
+    monkeypatch.setattr(manager, "build_image", step("image"))
     monkeypatch.setattr(manager.hosts, "boot", step("boot"))
     monkeypatch.setattr(manager, "_start_services", step("services", {
         "do_api": "http://x", "apt": "http://x", "hub": "http://x"}))
@@ -74,7 +74,7 @@ def test_down_failing_too_says_what_to_run(steps, capsys):
     fail["down"] = hosts.LabError("umount busy")
     assert lab_up() == 1
     err = capsys.readouterr().err
-    assert "step 'build the stand-in vLLM image'" in err and "umount busy" in err
+    assert "step 'build the vLLM image (real)'" in err and "umount busy" in err
     assert f"gpufleet-lab --prefix {PREFIX} --subnet {SUBNET} down" in err
 
 

@@ -1,5 +1,6 @@
-"""One lab per test run, shared by test_deploy.py and test_preflight.py (booting is the expensive
-part), and the state those tests start from: the plain deploy has run (``deployed``)."""
+"""One lab per test run, shared by test_deploy.py, test_preflight.py and test_real_engine.py
+(booting is the expensive part), and the state those tests start from: the plain deploy has run
+(``deployed``). Its three good hosts serve with the REAL vLLM (upstream vLLM on CPU)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 def lab():
     from gpufleet_lab import manager
 
-    the_lab: Lab = start_lab("ge", "10.215.0", PROFILES)
+    the_lab: Lab = start_lab("ge", "10.215.0", PROFILES, engine="real")
     try:
         yield the_lab
     finally:

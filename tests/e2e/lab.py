@@ -187,10 +187,12 @@ def converge(lab: Lab, names: Iterable[str], *args: str,
     return Converged(lab, run, env, {n: lab.fingerprint(n) for n in names})
 
 
-def start_lab(prefix: str, subnet: str, profile_names: list[str]) -> Lab:
+def start_lab(prefix: str, subnet: str, profile_names: list[str], engine: str = "standin") -> Lab:
+    """A fresh lab. ``engine``: what serves behind the pinned image: the real vLLM (about 3 GiB
+    and a minute's cold start per host) or the stand-in (scale and fault-injection tests)."""
     cfg = hosts.LabConfig(prefix=prefix, subnet=subnet)
     manager.down(cfg)
-    env = manager.up(cfg, [manager.HostWish.parse(p) for p in profile_names])
+    env = manager.up(cfg, [manager.HostWish.parse(p) for p in profile_names], engine=engine)
     return Lab(cfg, env, hosts.load_hosts(cfg))
 
 

@@ -53,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from hashlib import sha256
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +91,20 @@ BASE_PACKAGES = (
 )
 FLAVOUR_PACKAGES = {"docker": ("docker.io",), "base": ()}
 DISABLED_TIMERS = ("apt-daily", "apt-daily-upgrade", "dpkg-db-backup", "e2scrub_all", "fstrim")
-# command -> Debian package that provides it (ensure_tools installs what is missing)
-TOOLS = {
-    "systemd-nspawn": "systemd-container",
-    "mmdebstrap": "mmdebstrap",
-    "iptables": "iptables",
-    "ssh": "openssh-client",
-    "ssh-keygen": "openssh-client",
-    "lxcfs": "lxcfs",
-    "ip": "iproute2",
-    "setsid": "util-linux",
-    "mountpoint": "util-linux",
-    "sysctl": "procps",
-}
+# command -> Debian package that provides it (ensure_tools installs what is missing): the one
+# list, shared with lab/install-tools.sh
+
+
+def _host_tools() -> dict[str, str]:
+    """host_tools.txt: what the lab runs on this machine -> its Debian package."""
+    text = resources.files("gpufleet_lab").joinpath("host_tools.txt").read_text()
+    rows = (line.split() for line in text.splitlines() if line.strip() and line[0] != "#")
+    return {what: package for what, package in rows}
+
+
+TOOLS = {k: v for k, v in _host_tools().items() if not k.startswith(("/", "python3:"))}
 # files mmdebstrap needs that no command stands for
-TOOL_FILES = {"/usr/share/keyrings/debian-archive-keyring.gpg": "debian-archive-keyring"}
+TOOL_FILES = {k: v for k, v in _host_tools().items() if k.startswith("/")}
 REGISTRY_PORT = 8702  # the registry stand-in on the bridge IP (services.py)
 DEFAULT_REGION = "nyc2"
 DEFAULT_TAGS = ("gpufleet",)

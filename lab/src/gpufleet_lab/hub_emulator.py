@@ -989,3 +989,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def lab_repos(engine: str = "standin") -> tuple[HubRepo, ...]:
+    """The repositories a lab serves (placeholder until the real-engine set lands)."""
+    if engine == "real":
+        return (*DEFAULT_REPOS, HubRepo(LLAMA3_8B.repo_id, "manual"))
+    return LAB_REPOS

@@ -37,10 +37,11 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
+from gpufleet.model.vllm_version import PINNED_IMAGE, image_tag
 from gpufleet_lab import hosts, vllm_standin
 
 VLLM_REPOSITORY = "vllm/vllm-openai"
-DEFAULT_TAG = "v0.11.0"
+DEFAULT_TAG: str = image_tag(PINNED_IMAGE)  # type: ignore[assignment]
 SUITE = "bookworm"
 PACKAGES = ("python3-minimal", "libpython3.11-stdlib")
 RECIPE_REV = 1  # bump when the build recipe changes (invalidates cached layers)
@@ -164,7 +165,7 @@ def _canonical(obj: Any) -> bytes:
 
 # --------------------------------------------------------------------------- layer
 
-def write_layer(rootfs: Path, blobs_dir: Path) -> dict[str, Any]:
+def write_layer(rootfs: Path, blobs_dir: Path, compresslevel: int = 6) -> dict[str, Any]:
     """Tar ``rootfs`` (deterministically) into a gzip layer blob; return its digests/sizes."""
     blobs = blobs_dir / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
@@ -172,7 +173,7 @@ def write_layer(rootfs: Path, blobs_dir: Path) -> dict[str, Any]:
     with open(tmp, "wb") as out:
         compressed = _HashWriter(out)
         with gzip.GzipFile(filename="", mode="wb", fileobj=compressed,  # type: ignore[arg-type]
-                           mtime=0, compresslevel=6) as gz:
+                           mtime=0, compresslevel=compresslevel) as gz:
             raw = _HashWriter(gz)
             tar_stream = tarfile.open(fileobj=raw, mode="w|",  # type: ignore[call-overload]
                                       format=tarfile.PAX_FORMAT)
@@ -247,11 +248,13 @@ def image_config(diff_id: str, version: str, tag: str) -> dict[str, Any]:
 
 
 def assemble_image(blobs_dir: Path, layer: dict[str, Any], *, repository: str = VLLM_REPOSITORY,
-                   tag: str = DEFAULT_TAG, version: str | None = None) -> ImageInfo:
-    """Write the config and manifest blobs for an existing layer blob; return the ImageInfo."""
+                   tag: str = DEFAULT_TAG, version: str | None = None,
+                   config: dict[str, Any] | None = None) -> ImageInfo:
+    """Write the config (``config``, else the stand-in's) and manifest blobs for an existing
+    layer blob; return the ImageInfo."""
     version = version or version_for_tag(tag)
     config_digest, config_size = _store_blob(
-        blobs_dir, _canonical(image_config(layer["diff_id"], version, tag)))
+        blobs_dir, _canonical(config or image_config(layer["diff_id"], version, tag)))
     manifest = {
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST_V2,
@@ -270,7 +273,7 @@ def assemble_image(blobs_dir: Path, layer: dict[str, Any], *, repository: str = 
 
 
 def version_for_tag(tag: str) -> str:
-    """``v0.11.0`` -> ``0.11.0``; tags that are not versions (``latest``) report 0.11.0."""
+    """``v0.11.0`` -> ``0.11.0``; tags that are not versions (``latest``) report the pinned one."""
     m = re.fullmatch(r"v?(\d+\.\d+\.\d+(?:\.post\d+|rc\d+)?)", tag)
     return m.group(1) if m else DEFAULT_TAG.lstrip("v")
 

@@ -24,9 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet_lab import aptrepo, hosts, images, profiles
+from gpufleet_lab import aptrepo, hosts, images, profiles, realimage
 
 DEFAULT_PROFILES = ("h100", "rtx4000ada")
+# what serves behind the pinned image name: upstream vLLM on CPU, or the stand-in (fast, and
+# with fault knobs: the scale and fault-injection tests use it)
+ENGINES = ("real", "standin")
+DEFAULT_ENGINE = "real"
 DEFAULT_TAG = "llama3"
 SERVICES_TIMEOUT = 120.0
 
@@ -96,14 +100,23 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-def _start_services(cfg: hosts.LabConfig, repo_root: Path, image_dir: Path) -> dict[str, str]:
+def build_image(engine: str, image_dir: Path) -> images.ImageInfo:
+    """The image this lab's registry serves under the pinned name (built once, cached)."""
+    if engine == "real":
+        return realimage.build_real_image(image_dir)
+    return images.build_vllm_image(image_dir)
+
+
+def _start_services(cfg: hosts.LabConfig, repo_root: Path, image_dir: Path,
+                    engine: str) -> dict[str, str]:
     _stop_services(cfg)
     ready = cfg.state_dir / "services.ready"
     ready.unlink(missing_ok=True)
     log = open(cfg.state_dir / "services.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpufleet_lab.services", "--prefix", cfg.prefix, "--subnet",
-         cfg.subnet, "--repo-root", str(repo_root), "--image-dir", str(image_dir)],
+         cfg.subnet, "--repo-root", str(repo_root), "--image-dir", str(image_dir),
+         "--engine", engine],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
     )
     _services_pidfile(cfg).write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
@@ -136,13 +149,7 @@ def env_file(cfg: hosts.LabConfig) -> Path:
 
 
 # every tool ``lab up`` runs on this machine -> the Debian package that provides it
-REQUIRED_TOOLS = {
-    **hosts.TOOLS,
-    "apt-ftparchive": "apt-utils",
-    "dpkg-deb": "dpkg",
-    "gpg": "gnupg",
-    "curl": "curl",
-}
+REQUIRED_TOOLS = hosts.TOOLS
 
 
 class LabUpError(hosts.LabError):
@@ -206,7 +213,7 @@ def _read_env(path: Path) -> dict[str, str]:
 
 
 def up(cfg: hosts.LabConfig, wishes: list[HostWish], count: int | None = None,
-       tag: str = DEFAULT_TAG) -> dict[str, str]:
+       tag: str = DEFAULT_TAG, engine: str = DEFAULT_ENGINE) -> dict[str, str]:
     """Boot the lab. Missing tools are refused before anything is made; a lab that is up
     already is kept as it is (its environment is returned, so ``make demo`` runs twice); when
     a later step fails, everything this run made is taken down again (``down``) and
@@ -224,9 +231,9 @@ def up(cfg: hosts.LabConfig, wishes: list[HostWish], count: int | None = None,
     try:
         step = "build the stand-in toolkit apt repository"
         repo_root = aptrepo.build_toolkit_repo(cfg.cache_dir / "aptrepo").root
-        step = "build the stand-in vLLM image"
+        step = f"build the vLLM image ({engine})"
         image_dir = cfg.cache_dir / "vllm-image"
-        images.build_vllm_image(image_dir)
+        build_image(engine, image_dir)
         step = "write the lab's state and tokens"
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         _secret_file(cfg.state_dir / "do-token", "dop_v1_lab")
@@ -236,7 +243,8 @@ def up(cfg: hosts.LabConfig, wishes: list[HostWish], count: int | None = None,
         hosts.boot(cfg, plan_hosts(cfg, wishes, count, tag))
         t2 = time.monotonic()
         step = "start the lab services"
-        urls = _start_services(cfg, repo_root, image_dir)
+        hosts.update_lab_json(cfg, lambda doc: doc.update({"engine": engine}))
+        urls = _start_services(cfg, repo_root, image_dir, engine)
         step = "write the lab environment"
         env = lab_env(cfg, urls, tag)
         path = env_file(cfg)
@@ -316,6 +324,9 @@ def configure(lab: argparse.ArgumentParser) -> None:
                    help=f"host profile[:flavour], repeatable or comma-separated, cycled over the "
                         f"hosts; profiles: {', '.join(profiles.PROFILES)}; flavours: docker, base")
     p.add_argument("--tag", default=DEFAULT_TAG)
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                   help="what the pinned vllm/vllm-openai image runs: upstream vLLM on CPU "
+                        "(real, the default) or the lab's stand-in")
     d = lsub.add_parser("down", help="stop the lab and remove everything it made")
     d.add_argument("--all", action="store_true", help="every lab on this machine")
     lsub.add_parser("status", help="hosts and services")
@@ -336,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
         except (KeyError, ValueError) as e:
             raise SystemExit(f"gpufleet-lab up: {_one_line(e)}") from None
         try:
-            env = up(cfg, wishes, args.hosts, args.tag)
+            env = up(cfg, wishes, args.hosts, args.tag, args.engine)
         except hosts.LabError as e:
             print(f"gpufleet-lab up: {e}", file=sys.stderr)
             return 1
@@ -356,6 +367,8 @@ def main(args: argparse.Namespace) -> int:
                   f"{st.host.public_ip:15} {'running' if st.running else 'stopped'}"
                   f"{' ssh-up' if st.ssh else ''}")
         ready = cfg.state_dir / "services.ready"
+        if cfg.lab_json.exists():
+            print(f"engine: {json.loads(cfg.lab_json.read_text()).get('engine', 'standin')}")
         print(f"services: {ready.read_text().strip() if ready.exists() else 'not running'}")
         return 0
     if args.lab_command == "env":

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gpufleet_lab import aptrepo, do_emulator, hosts, hub_emulator, images, registry
+from gpufleet_lab import aptrepo, do_emulator, hosts, hub_emulator, images, manager, registry
 
 APT_PORT = 8701
 REGISTRY_PORT = hosts.REGISTRY_PORT
@@ -42,10 +42,10 @@ def _hooks(cfg: hosts.LabConfig) -> do_emulator.Hooks:
 
 
 def serve(cfg: hosts.LabConfig, token: str, hf_token: str, do_port: int, repo_root: Path,
-          image: images.ImageInfo) -> None:
+          image: images.ImageInfo, engine: str) -> None:
     hub = hub_emulator.make_hub_servers(
         [cfg.bridge_ip], HUB_PORT, hub_emulator.HubTokens(good=hf_token),
-        repos={r.repo_id: r for r in hub_emulator.LAB_REPOS})
+        repos={r.repo_id: r for r in hub_emulator.lab_repos(engine)})
     servers = [
         do_emulator.make_server("127.0.0.1", do_port, token, cfg.lab_json, _hooks(cfg)),
         aptrepo.make_static_server(cfg.bridge_ip, APT_PORT, repo_root),
@@ -80,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--do-port", type=int, default=0)
     p.add_argument("--repo-root", type=Path, required=True)
     p.add_argument("--image-dir", type=Path, required=True)
+    p.add_argument("--engine", choices=manager.ENGINES, default=manager.DEFAULT_ENGINE)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = hosts.LabConfig(prefix=a.prefix, subnet=a.subnet)
     token = (cfg.state_dir / "do-token").read_text().strip()
     hf_token = (cfg.state_dir / "hf-token").read_text().strip()
-    image = images.build_vllm_image(a.image_dir)
-    serve(cfg, token, hf_token, a.do_port, a.repo_root, image)
+    image = manager.build_image(a.engine, a.image_dir)
+    serve(cfg, token, hf_token, a.do_port, a.repo_root, image, a.engine)
     return 0
 
 

@@ -32,6 +32,7 @@ from gpufleet.model.spec_fields import (
     keys_of_type,
 )
 from gpufleet.model.vllm_args import QUANTIZATION_FLAGS, serve_args, spec_sizing_flags
+from gpufleet.model.vllm_version import PINNED_IMAGE
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 CGROUP_DRIVERS = ("cgroupfs", "systemd")
@@ -638,14 +639,14 @@ def _validate_image(image: str, source: str) -> None:
     match = _IMAGE.fullmatch(image) if len(image) <= 512 else None
     if not match:
         raise SpecError(f"{source}: image {_show(image)} is not a docker image reference like "
-                        "'vllm/vllm-openai:v0.11.0'")
+                        f"'{PINNED_IMAGE}'")
     tag, digest = match.group("tag"), match.group("digest")
     if not tag and not digest:
         raise SpecError(f"{source}: image {image!r} has no tag: pin a release such as "
-                        "'vllm/vllm-openai:v0.11.0' so a rebuild reproduces the same server")
+                        f"'{PINNED_IMAGE}' so a rebuild reproduces the same server")
     if tag == "latest" and not digest:
         raise SpecError(f"{source}: image {image!r} uses 'latest', which changes under you: "
-                        "pin a release such as 'vllm/vllm-openai:v0.11.0'")
+                        f"pin a release such as '{PINNED_IMAGE}'")
 
 
 def load_spec(
