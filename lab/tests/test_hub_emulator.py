@@ -194,9 +194,9 @@ def test_tiny_model_safetensors_file_is_well_formed() -> None:
         offset += 2 * n
         total += n
     assert 8 + length + offset == len(data)
-    assert total == tinymodel.parameter_count() == 2_417_344
-    assert header["model.layers.0.self_attn.k_proj.weight"]["shape"] == [32, 64]
-    assert header["model.layers.1.mlp.down_proj.weight"]["shape"] == [64, 6144]
+    assert total == tinymodel.parameter_count() == 2_524_544
+    assert header["model.layers.0.self_attn.k_proj.weight"]["shape"] == [64, 128]
+    assert header["model.layers.1.mlp.down_proj.weight"]["shape"] == [128, 3072]
     # bf16 -> f32: every weight finite and small, norms exactly 1.0
     body = data[8 + length:]
     start, end = header["model.embed_tokens.weight"]["data_offsets"]
@@ -204,11 +204,11 @@ def test_tiny_model_safetensors_file_is_well_formed() -> None:
     floats = [struct.unpack("<f", struct.pack("<I", v << 16))[0] for v in values]
     assert all(2**-7 <= abs(x) < 2**-5 for x in floats)
     start, end = header["model.norm.weight"]["data_offsets"]
-    assert body[start:end] == b"\x80\x3f" * 64
+    assert body[start:end] == b"\x80\x3f" * 128
     config = json.loads(content("config.json"))
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["head_dim"], config["torch_dtype"],
-            config["max_position_embeddings"]) == (2, 64, 4, 2, 16, "bfloat16", 2048)
+            config["max_position_embeddings"]) == (2, 128, 2, 1, 64, "bfloat16", 8192)
     assert content("README.md").startswith(b"---\nlicense: apache-2.0\n")
     assert len(json.loads(content("tokenizer.json"))["model"]["vocab"]) == config["vocab_size"]
 
@@ -232,8 +232,8 @@ def test_model_info_of_the_public_repo(endpoint: str) -> None:
     assert info.gated is False and info.private is False
     assert [s.rfilename for s in info.siblings] == list(tinymodel.file_contents())
     assert info.siblings[0].size is None  # sizes only with files_metadata
-    assert info.safetensors.parameters == {"BF16": 2_417_344}
-    assert info.safetensors.total == 2_417_344
+    assert info.safetensors.parameters == {"BF16": 2_524_544}
+    assert info.safetensors.total == 2_524_544
     assert info.card_data.license == "apache-2.0"
     assert info.config["architectures"] == ["LlamaForCausalLM"]
 
@@ -345,12 +345,12 @@ def test_changing_the_revision_downloads_only_the_file_that_changed(endpoint: st
 def test_get_safetensors_metadata_reads_the_header_with_a_range_request(endpoint: str) -> None:
     meta = api(endpoint).get_safetensors_metadata(PUBLIC, revision="next")
     assert meta.sharded is False
-    assert meta.parameter_count == {"BF16": 2_417_344}
+    assert meta.parameter_count == {"BF16": 2_524_544}
     tensors = meta.files_metadata[WEIGHTS].tensors
-    assert tensors["lm_head.weight"].shape == [259, 64]
+    assert tensors["lm_head.weight"].shape == [259, 128]
     gets = [r for r in requests_log(endpoint) if r["method"] == "GET"]
     assert [(r["status"], r["range"]) for r in gets] == [(206, "bytes=0-100000")]
-    assert stats(endpoint)["total_bytes"] == 100_001  # the header, not the 4.8 MB file
+    assert stats(endpoint)["total_bytes"] == 100_001  # the header, not the 5 MB file
 
 
 def test_range_requests(endpoint: str) -> None:
@@ -563,6 +563,49 @@ def test_custom_tokens(hub: Callable[..., HubServer]) -> None:
     with pytest.raises(HfHubHTTPError) as err:
         api(endpoint, he.GOOD_TOKEN).auth_check(GATED)  # the built-in one is unknown here
     assert err.value.response.status_code == 401
+
+
+# --- what a lab serves, by engine ---------------------------------------------------------------
+
+
+LLAMA3 = he.REPO_LLAMA3_8B
+
+
+@pytest.mark.parametrize("engine", he.ENGINES)
+def test_a_lab_serves_the_same_repo_ids_for_either_engine(engine: str) -> None:
+    repos = he.lab_repos(engine)
+    assert set(repos) == {PUBLIC, GATED, LLAMA3}
+    assert repos[LLAMA3].gated == "manual"
+
+
+def test_a_stand_in_lab_serves_llama3_8bs_real_config_over_the_tiny_weights(
+        hub: Callable[..., HubServer], tmp_path: Path) -> None:
+    endpoint = base_url(hub(repos=he.lab_repos("standin")))
+    info = api(endpoint).model_info(LLAMA3)
+    assert info.safetensors.total == 8_030_261_248  # the planner sees Llama 3 8B
+    config = hf_hub_download(LLAMA3, "config.json", endpoint=endpoint, cache_dir=tmp_path,
+                             token=he.GOOD_TOKEN)
+    assert json.loads(Path(config).read_text()) == he.LLAMA3_8B_CONFIG
+    weights = hf_hub_download(LLAMA3, WEIGHTS, endpoint=endpoint, cache_dir=tmp_path,
+                              token=he.GOOD_TOKEN)
+    assert Path(weights).read_bytes() == content(WEIGHTS)  # staging moves 5 MB
+
+
+def test_a_real_engine_lab_serves_the_tiny_model_under_the_llama3_id(
+        hub: Callable[..., HubServer], tmp_path: Path) -> None:
+    endpoint = base_url(hub(repos=he.lab_repos("real")))
+    info = api(endpoint).model_info(LLAMA3)
+    assert info.safetensors.parameters == {"BF16": tinymodel.parameter_count()}
+    path = Path(snapshot_download(LLAMA3, revision=MAIN, endpoint=endpoint, cache_dir=tmp_path,
+                                  token=he.GOOD_TOKEN))
+    assert path.name == MAIN
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == tinymodel.file_contents("main")
+
+
+def test_an_unknown_lab_engine_is_one_clear_line() -> None:
+    with pytest.raises(ValueError) as err:
+        he.lab_repos("gpu")
+    assert str(err.value) == "unknown lab engine 'gpu': use one of standin, real"
 
 
 # --- byte counter, addresses ----------------------------------------------------------------------

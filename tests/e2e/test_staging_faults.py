@@ -117,7 +117,7 @@ def test_killing_the_controller_stops_the_stager_and_the_next_run_resumes(lab, d
     lab.ssh(HOST, f"rm -rf {MODEL_DIR}")
     total = model_bytes(lab)
     before = host_bytes(lab)
-    hub(lab, "/_lab/faults", {"throttle_bytes_per_second": 400_000})  # ~12 s for 4.8 MB
+    hub(lab, "/_lab/faults", {"throttle_bytes_per_second": 400_000})  # ~13 s for 5 MB
     env = {**os.environ, **lab.env, **secrets(lab),
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "COLUMNS": "200"}
     controller = subprocess.Popen(

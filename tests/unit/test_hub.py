@@ -426,18 +426,18 @@ def test_model_shape_of_the_tiny_model(endpoint: str, tmp_path: Path) -> None:
     files = tinymodel.revisions()["main"].files
     weights = files[tinymodel.SAFETENSORS_FILE]
     assert shape == ModelShape(
-        model=PUBLIC, commit=MAIN, num_layers=2, hidden_size=64, num_attention_heads=4,
-        num_kv_heads=2, head_dim=16, max_position_embeddings=2048, torch_dtype="bfloat16",
-        parameters=2_417_344, weight_bytes=weights.size, quantization=None, gated=False, vocab_size=tinymodel.VOCAB_SIZE,
+        model=PUBLIC, commit=MAIN, num_layers=2, hidden_size=128, num_attention_heads=2,
+        num_kv_heads=1, head_dim=64, max_position_embeddings=8192, torch_dtype="bfloat16",
+        parameters=2_524_544, weight_bytes=weights.size, quantization=None, gated=False, vocab_size=tinymodel.VOCAB_SIZE,
         files=tuple(
             {"path": f.path, "size": f.size, "blob_id": f.blob_id,
              **({"sha256": f.sha256} if f.lfs else {})}
             for f in sorted(files.values(), key=lambda f: f.path) if f.path != ".gitattributes"
         ),
     )
-    assert shape.weight_bytes == 4_836_888
+    assert shape.weight_bytes == 5_051_320
     assert next(f for f in shape.files if f["path"] == "model.safetensors")["sha256"] == (
-        "844464015b573956d2cce632e368bda122feb5d5d51c22cae8ee8b4e4da008de")
+        "c5de1756b8f637e676fead1a58f5375b1f67a5aaae7fff2bbe1dc5e07232475a")
     s = stats(endpoint)
     # config.json: one GET (no HEAD first, and no retries but gpufleet's own)
     assert s["requests_by_kind"] == {"model_info": 1, "resolve_get": 1}
@@ -446,7 +446,7 @@ def test_model_shape_of_the_tiny_model(endpoint: str, tmp_path: Path) -> None:
 
 def test_model_shape_of_the_gated_model(endpoint: str, tmp_path: Path) -> None:
     shape = model_shape(GATED, "next", he.GOOD_TOKEN, endpoint, tmp_path)
-    assert (shape.commit, shape.gated, shape.parameters) == (NEXT, True, 2_417_344)
+    assert (shape.commit, shape.gated, shape.parameters) == (NEXT, True, 2_524_544)
     next_config = tinymodel.revisions()["next"].files["generation_config.json"]
     assert {"path": "generation_config.json", "size": next_config.size,
             "blob_id": next_config.blob_id} in shape.files
@@ -504,7 +504,7 @@ def test_parameters_from_the_safetensors_headers_when_the_hub_has_no_totals(
         hub_server: Callable[..., HubServer], tmp_path: Path) -> None:
     endpoint = base_url(hub_server(api_safetensors=False))
     shape = model_shape(PUBLIC, "main", None, endpoint, tmp_path)
-    assert (shape.parameters, shape.torch_dtype) == (2_417_344, "bfloat16")
+    assert (shape.parameters, shape.torch_dtype) == (2_524_544, "bfloat16")
     s = stats(endpoint)
     assert s["bytes_by_file"][f"{PUBLIC}/model.safetensors"] == 100_001  # header range only
 

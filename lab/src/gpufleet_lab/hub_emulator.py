@@ -11,6 +11,11 @@ repositories built by ``gpufleet_lab.tinymodel`` (same files, same commits):
 * ``gpufleet-lab/tiny-llama``        public
 * ``gpufleet-lab/tiny-llama-gated``  gated ("manual" approval)
 
+and, in a lab (``lab_repos(engine)``, the one place that says what a lab serves),
+``meta-llama/Meta-Llama-3-8B-Instruct`` (gated) too: for the stand-in engine with Llama 3 8B's
+real config.json and parameter count over the tiny weights (real plans), for the real vLLM with
+the tiny model's own files (the engine loads them).
+
 Revisions: branches ``main`` (``tinymodel.COMMIT_MAIN``) and ``next`` (``COMMIT_NEXT``), tag
 ``v1.0`` (= main), or any full 40-hex commit id of the two.
 
@@ -200,10 +205,28 @@ LLAMA3_8B_CONFIG: dict[str, Any] = {
     "rms_norm_eps": 1e-05, "vocab_size": 128256, "torch_dtype": "bfloat16",
     "bos_token_id": 128000, "eos_token_id": 128009, "tie_word_embeddings": False,
 }
-LLAMA3_8B = HubRepo("meta-llama/Meta-Llama-3-8B-Instruct", "manual",
-                    config_override=LLAMA3_8B_CONFIG,
+REPO_LLAMA3_8B = "meta-llama/Meta-Llama-3-8B-Instruct"
+LLAMA3_8B = HubRepo(REPO_LLAMA3_8B, "manual", config_override=LLAMA3_8B_CONFIG,
                     parameters_override={"BF16": 8_030_261_248})
-LAB_REPOS: tuple[HubRepo, ...] = (*DEFAULT_REPOS, LLAMA3_8B)
+
+# What a lab serves, by the engine its hosts run. Same repo ids in both. "standin": the Llama 3
+# id has Llama 3 8B's real config.json and parameter count over the tiny weights, so plans are
+# Llama 3 8B's; only the stand-in engine can "load" that (the real vLLM would read the 8B
+# config.json and fail on the tiny weights). "real": the Llama 3 id serves the tiny model's own,
+# consistent files, which the real vLLM loads; plans for it are the tiny model's.
+ENGINES = ("standin", "real")
+LAB_REPOS: Mapping[str, tuple[HubRepo, ...]] = {
+    "standin": (*DEFAULT_REPOS, LLAMA3_8B),
+    "real": (*DEFAULT_REPOS, HubRepo(REPO_LLAMA3_8B, "manual")),
+}
+
+
+def lab_repos(engine: str = "standin") -> dict[str, HubRepo]:
+    """repo id -> HubRepo of a lab whose hosts run ``engine`` ("standin" or "real"), as
+    ``HubState(repos=...)`` takes them."""
+    if engine not in LAB_REPOS:
+        raise ValueError(f"unknown lab engine {engine!r}: use one of {', '.join(ENGINES)}")
+    return {r.repo_id: r for r in LAB_REPOS[engine]}
 
 
 def safetensors_parameters(content: bytes) -> dict[str, int]:
@@ -990,9 +1013,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def lab_repos(engine: str = "standin") -> tuple[HubRepo, ...]:
-    """The repositories a lab serves (placeholder until the real-engine set lands)."""
-    if engine == "real":
-        return (*DEFAULT_REPOS, HubRepo(LLAMA3_8B.repo_id, "manual"))
-    return LAB_REPOS

@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet_lab import aptrepo, hosts, images, profiles, realimage
+from gpufleet_lab import aptrepo, hosts, hub_emulator, images, profiles, realimage
 
 DEFAULT_PROFILES = ("h100", "rtx4000ada")
 # what serves behind the pinned image name: upstream vLLM on CPU, or the stand-in (fast, and
 # with fault knobs: the scale and fault-injection tests use it)
-ENGINES = ("real", "standin")
+ENGINES = hub_emulator.ENGINES
 DEFAULT_ENGINE = "real"
 DEFAULT_TAG = "llama3"
 SERVICES_TIMEOUT = 120.0

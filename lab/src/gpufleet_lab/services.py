@@ -45,7 +45,7 @@ def serve(cfg: hosts.LabConfig, token: str, hf_token: str, do_port: int, repo_ro
           image: images.ImageInfo, engine: str) -> None:
     hub = hub_emulator.make_hub_servers(
         [cfg.bridge_ip], HUB_PORT, hub_emulator.HubTokens(good=hf_token),
-        repos={r.repo_id: r for r in hub_emulator.lab_repos(engine)})
+        repos=hub_emulator.lab_repos(engine))
     servers = [
         do_emulator.make_server("127.0.0.1", do_port, token, cfg.lab_json, _hooks(cfg)),
         aptrepo.make_static_server(cfg.bridge_ip, APT_PORT, repo_root),
