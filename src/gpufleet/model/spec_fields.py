@@ -92,7 +92,8 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
               "`--tensor-parallel-size` when above 1", nullable=True,
               shown_default="`gpu_count`"),
     SpecField("extra_args", "args", (),
-              "as vLLM v0.11's argparse takes them: known flags only, a value after each flag "
+              "as the pinned vLLM's `vllm serve` parser takes them (`vllm_serve_flags.json`, "
+              "generated from it): known flags only, a value after each flag "
               "that takes one (`--x V`, `--x=V`) and after no switch (`--enforce-eager`, "
               "`--no-enforce-eager`), no bare words; flags the spec owns and secrets are "
               "refused", "more `vllm serve` flags"),
