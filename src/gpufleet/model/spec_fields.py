@@ -67,6 +67,12 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
               "Hugging Face model id"),
     SpecField("image", "str", REQUIRED, "a tag other than `latest`, or a digest",
               "vLLM image, pinned"),
+    SpecField("image_cuda", "str", "pinned", "`pinned` or `match_driver`",
+              "checked against each host's NVIDIA driver before the pull (a `vllm/vllm-openai` "
+              "version tag: CUDA 13.0 needs driver >= 580.65.06, from v0.20.0 the `-cu129` "
+              "tags CUDA 12.9 >= 575.51.03); `pinned`: a host with an older driver fails; "
+              "`match_driver`: it runs the same release's tag its driver runs, pinned in its "
+              "unit and release"),
     SpecField("revision", "str", "main", "a git ref or commit (letters, digits, `._/-`)",
               "branch, tag or commit of the model repository (`--revision`)"),
     SpecField("quantization", "str", "auto", "`auto`, `fp16`, `bf16`, `fp8`, `awq`, `gptq`",
