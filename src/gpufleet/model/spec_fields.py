@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.model import image_cuda
+
 NVIDIA_TOOLKIT_REPO_URL = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
 NVIDIA_TOOLKIT_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
 
@@ -67,12 +69,15 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
               "Hugging Face model id"),
     SpecField("image", "str", REQUIRED, "a tag other than `latest`, or a digest",
               "vLLM image, pinned"),
-    SpecField("image_cuda", "str", "pinned", "`pinned` or `match_driver`",
-              "checked against each host's NVIDIA driver before the pull (a `vllm/vllm-openai` "
-              "version tag: CUDA 13.0 needs driver >= 580.65.06, from v0.20.0 the `-cu129` "
-              "tags CUDA 12.9 >= 575.51.03); `pinned`: a host with an older driver fails; "
-              "`match_driver`: it runs the same release's tag its driver runs, pinned in its "
-              "unit and release"),
+    SpecField("image_cuda", "str", image_cuda.PINNED,
+              " or ".join(f"`{mode}`" for mode in image_cuda.MODES),
+              f"the image is checked against each host's NVIDIA driver before the pull (a "
+              f"`{image_cuda.REPOSITORY}` version tag: CUDA {image_cuda.CUDA_13_0.cuda} needs "
+              f"driver >= {image_cuda.CUDA_13_0.driver_floor}; from v0.20.0 the `-cu129` tags "
+              f"are CUDA {image_cuda.CUDA_12_9.cuda}, >= {image_cuda.CUDA_12_9.driver_floor}); "
+              f"`{image_cuda.PINNED}`: a host with an older driver fails; "
+              f"`{image_cuda.MATCH_DRIVER}`: it runs the tag of the same release its driver "
+              "runs, pinned in its unit and release"),
     SpecField("revision", "str", "main", "a git ref or commit (letters, digits, `._/-`)",
               "branch, tag or commit of the model repository (`--revision`)"),
     SpecField("quantization", "str", "auto", "`auto`, `fp16`, `bf16`, `fp8`, `awq`, `gptq`",
