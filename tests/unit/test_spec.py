@@ -181,9 +181,9 @@ def test_extra_args_are_checked_as_vllm_parses_them(args):
 @pytest.mark.parametrize("args", [
     ["--max-num-batched-tokens", "4096"], ["--max-num-batched-tokens=4096"],
     ["--enforce-eager"], ["--chat-template", "/x.jinja"], ["--no-enable-chunked-prefill"],
-    ["--no-enforce-eager"], ["--cuda-graph-sizes", "1", "2", "4", "--enforce-eager"],
+    ["--no-enforce-eager"], ["--cudagraph-capture-sizes", "1", "2", "4", "--enforce-eager"],
     ["--seed", "-1"], ["--max_num_batched_tokens", "8k"], ["--max-num-batched-tokens", 4096],
-    ["-O", "3"], ["--override-generation-config", '{"temperature": 0.5}'],
+    ["-O", "3"], ["-O3"], ["-O=1"], ["--override-generation-config", '{"temperature": 0.5}'],
 ])
 def test_extra_args_vllm_would_take_pass(args):
     spec = build_spec({**BASE, "extra_args": args})
@@ -191,7 +191,7 @@ def test_extra_args_vllm_would_take_pass(args):
 
 
 def test_extra_args_kinds_match_the_lab_parser():
-    """Each flag's kind (switch or value) agrees with the lab's vLLM v0.11 parser, and a switch
+    """Each flag's kind (switch or value) agrees with the lab's stand-in parser (same flag file), and a switch
     followed by a word fails there as it does here."""
     from gpufleet.model import vllm_flags
     from gpufleet_lab import vllm_standin

@@ -8,8 +8,10 @@ deploy's verification step talks to something that speaks vLLM's real protocol:
 
 * CLI: ``vllm serve [model_tag] [options]`` with vLLM's real flag names, types and choices;
   unknown flags fail exactly like vLLM's argparse (``vllm: error: unrecognized arguments: X``,
-  exit 2); ``--model X`` is rewritten to the positional tag with vLLM 0.11's deprecation
-  warning; ``--snake_case`` flags are accepted like vLLM's FlexibleArgumentParser does.
+  exit 2), from the flag set generated from the pinned vLLM's own parser
+  (``vllm_serve_flags.json``); ``--model X`` is rewritten to the positional tag with vLLM's
+  deprecation warning; ``--snake_case`` flags are accepted like vLLM's FlexibleArgumentParser
+  does.
 * Cold start: the port refuses connections until the "model is loaded", as in vLLM.
 * HTTP: ``GET /health`` (200, empty body), ``GET /v1/models``, ``POST /v1/completions`` and
   ``POST /v1/chat/completions`` (OpenAI shapes, usage, SSE streaming ending ``data: [DONE]``),
@@ -72,14 +74,6 @@ def _load_serve_flags() -> list[dict[str, Any]]:
 SERVE_FLAGS = _load_serve_flags()
 
 
-def _choices(flag: str) -> tuple[Any, ...]:
-    return tuple(next(f for f in SERVE_FLAGS if f["flag"] == flag)["choices"])
-
-
-DTYPES = _choices("--dtype")
-KV_CACHE_DTYPES = _choices("--kv-cache-dtype")
-QUANTIZATION_METHODS = _choices("--quantization")
-UVICORN_LOG_LEVELS = _choices("--uvicorn-log-level")
 
 # model id -> (architecture, max_position_embeddings, weights GiB at bf16)
 KNOWN_MODELS: dict[str, tuple[str, int, float]] = {
@@ -193,8 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def human_readable_int_or_auto(value: str) -> int:
+    """vLLM's parser for --max-model-len: a token count, or -1/'auto' (-1: auto-detect)."""
+    value = value.strip()
+    return -1 if value == "-1" or value.lower() == "auto" else human_readable_int(value)
+
+
+def json_or_str(value: str) -> Any:
+    """vLLM's union_dict_and_str: a JSON object when it looks like one, else the string."""
+    return json.loads(value) if re.fullmatch(r"(?s)\s*{.*}\s*", value) else value
+
+
 _VALUE_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "json": json.loads,
-                                "human_int": human_readable_int}
+                                "json_or_str": json_or_str, "human_int": human_readable_int,
+                                "human_int_or_auto": human_readable_int_or_auto}
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -230,10 +236,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def preprocess_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """What vLLM 0.11's FlexibleArgumentParser.parse_args does before argparse runs.
+    """What vLLM's FlexibleArgumentParser.parse_args does before argparse runs (0.32.0).
 
-    Returns (processed argv, warnings). ``serve ... --model X`` becomes ``serve X ...`` and
-    ``--max_model_len`` becomes ``--max-model-len``.
+    Returns (processed argv, warnings). ``serve ... --model X`` becomes ``serve X ...``,
+    ``--max_model_len`` becomes ``--max-model-len`` and ``-O3`` ``--optimization-level 3``.
     """
     args = list(argv)
     warnings: list[str] = []
@@ -244,7 +250,7 @@ def preprocess_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             warnings.append(
                 "With `vllm serve`, you should provide the model as a positional argument "
                 "or in a config file instead of via the `--model` option. The `--model` "
-                "option will be removed in v0.13.")
+                "option will be removed in a future version.")
             if args[idx] == "--model":
                 if idx + 1 < len(args):
                     tag, rest = args[idx + 1], idx + 2
@@ -252,14 +258,15 @@ def preprocess_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
             else:
                 tag = args[idx].removeprefix("--model=")
                 args = ["serve", tag, *args[1:idx], *args[idx + 1:]]
-    if "--disable-log-requests" in args:
-        warnings.append("argument '--disable-log-requests' is deprecated and replaced with "
-                        "'--enable-log-requests'. This will be removed in v0.12.0.")
     out: list[str] = []
-    for arg in args:
+    for i, arg in enumerate(args):
         if arg.startswith("--"):
             key, sep, value = arg.partition("=")
             out.append(key.replace("_", "-") + sep + value)
+        elif arg.startswith("-O") and arg != "-O":  # -O3, -O=3: --optimization-level 3
+            out += ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
+        elif arg == "-O" and i + 1 < len(args) and args[i + 1] in ("0", "1", "2", "3"):
+            out.append("--optimization-level")
         else:
             out.append(arg)
     return out, warnings
@@ -422,7 +429,6 @@ class Engine:
             "gpu_memory_utilization": str(args.gpu_memory_utilization),
             "num_cpu_blocks": "None",
             "num_gpu_blocks": str(self.capacity_tokens // 16),
-            "swap_space": str(args.swap_space),
         }
         self.metrics = Metrics(self.served[0], cache_info)
 
@@ -933,6 +939,8 @@ def serve(ns: argparse.Namespace, warnings: list[str], env: dict[str, str] | Non
                         "downloads.")
     arch, max_pos, weights_gib = KNOWN_MODELS.get(model, DEFAULT_ARCH)
     log.info("model.py:547", f"Resolved architecture: {arch}")
+    if ns.max_model_len == -1:  # --max-model-len auto
+        ns.max_model_len = None
     if ns.max_model_len is not None and ns.max_model_len > max_pos:
         _traceback(log, "APIServer", "api_server.py:1900", [
             ("/usr/local/lib/python3.12/dist-packages/vllm/config/model.py", 1573,

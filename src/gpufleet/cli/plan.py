@@ -8,8 +8,10 @@ The model's shape comes from ``--model-shape FILE`` (JSON of ``ModelShape.to_jso
 from the Hub (``gpufleet.clients.hub.model_shape``, with ``HF_TOKEN`` and ``HF_ENDPOINT``),
 else, offline (``--offline``, ``HF_HUB_OFFLINE=1`` or the Hub failing), from
 ``gpufleet.planner.shapes.KNOWN_SHAPES``.
-Exit status: 0 when every plan fits (``fits`` or ``fragile``), 3 when one is refused or a host
-has no usable GPU, 2 for bad input.
+With a host's fact (``--host-fact``, ``--local``) the image is also checked against its NVIDIA
+driver, as the deploy checks it (``gpufleet.model.image_cuda``).
+Exit status: 0 when every plan fits (``fits`` or ``fragile``), 3 when one is refused, a host
+has no usable GPU or its driver cannot run the image, 2 for bad input.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pyinfra.api.exceptions import PyinfraError
 
 from gpufleet.cli.data import parse_data
 from gpufleet.model import gpus as gpu_catalog
+from gpufleet.model import image_cuda
 from gpufleet.model.gpus import Gpu
 from gpufleet.model.model_shape import ModelShape
 from gpufleet.model.spec import ServiceSpec, load_spec
@@ -153,8 +156,18 @@ def local_fact() -> dict[str, Any]:
     return fact.process(done.stdout.splitlines())
 
 
-def gpu_sources(args: argparse.Namespace) -> dict[str, list[Gpu] | str]:
-    """Host name -> its GPUs, or why it has none."""
+def host_facts(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Host name -> its NvidiaGpus fact, for ``--local`` and ``--host-fact`` (else None)."""
+    if args.local:
+        return {"localhost": local_fact()}
+    if args.host_fact:
+        return _facts_by_host(_read_structured(args.host_fact), str(args.host_fact))
+    return None
+
+
+def gpu_sources(args: argparse.Namespace, facts: dict[str, Any] | None = None
+                ) -> dict[str, list[Gpu] | str]:
+    """Host name -> its GPUs, or why it has none (``facts``: already read by host_facts)."""
     if args.gpu:
         try:
             size = gpu_catalog.lookup(args.gpu)
@@ -172,12 +185,8 @@ def gpu_sources(args: argparse.Namespace) -> dict[str, list[Gpu] | str]:
                 [gpu_catalog.gpu_from_dict(g) for g in data])}
         except (ValueError, TypeError, AttributeError) as e:
             raise PlanInputError(f"{args.gpus_json}: {e}") from e
-    if args.local:
-        facts = {"localhost": local_fact()}
-    else:
-        facts = _facts_by_host(_read_structured(args.host_fact), str(args.host_fact))
     out: dict[str, list[Gpu] | str] = {}
-    for host, fact in facts.items():
+    for host, fact in (facts if facts is not None else host_facts(args) or {}).items():
         try:
             out[host] = gpu_catalog.gpus_from_fact(fact)
         except (ValueError, TypeError, KeyError) as e:
@@ -188,7 +197,23 @@ def gpu_sources(args: argparse.Namespace) -> dict[str, list[Gpu] | str]:
 # -- the command -------------------------------------------------------------------------------
 
 
-def make_plans(args: argparse.Namespace, environ: Mapping[str, str]
+def driver_verdicts(spec: ServiceSpec, facts: dict[str, Any] | None
+                    ) -> dict[str, image_cuda.DriverVerdict]:
+    """Host name -> whether its driver runs the spec's image, as the deploy decides it."""
+    return {host: image_cuda.driver_verdict(spec.image, image_cuda.fact_driver(fact),
+                                            spec.image_cuda)
+            for host, fact in (facts or {}).items() if image_cuda.fact_driver(fact)}
+
+
+def driver_line(verdict: image_cuda.DriverVerdict, driver: str | None) -> str:
+    if verdict.problem:
+        return f"image refused: {verdict.problem}"
+    return f"image: {verdict.note}" if verdict.note else \
+        f"image: {verdict.image} runs on driver {driver}"
+
+
+def make_plans(args: argparse.Namespace, environ: Mapping[str, str],
+               facts: dict[str, Any] | None = None,
                ) -> tuple[ServiceSpec, ModelShape, str, dict[str, list[Plan] | str]]:
     overrides: dict[str, Any] = parse_data(args.data)
     # gpu_memory_utilization goes to the planner unvalidated, so that 1.0 is refused *with
@@ -209,7 +234,7 @@ def make_plans(args: argparse.Namespace, environ: Mapping[str, str]
                                  + ", ".join(QUANTIZATION_FLAGS))
     shape, shape_source = resolve_shape(spec, args.model_shape, args.offline, environ)
     result: dict[str, list[Plan] | str] = {}
-    for host, gpus in gpu_sources(args).items():
+    for host, gpus in gpu_sources(args, facts).items():
         if isinstance(gpus, str):
             result[host] = gpus
             continue
@@ -220,8 +245,11 @@ def make_plans(args: argparse.Namespace, environ: Mapping[str, str]
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec, shape, shape_source, result = make_plans(args, os.environ)
-    refused = any(isinstance(v, str) or any(not p.fits for p in v) for v in result.values())
+    facts = None if args.gpu or args.gpus_json else host_facts(args)
+    spec, shape, shape_source, result = make_plans(args, os.environ, facts)
+    drivers = driver_verdicts(spec, facts)
+    refused = any(isinstance(v, str) or any(not p.fits for p in v) for v in result.values()) \
+        or any(v.problem for v in drivers.values())
     if args.json:
         print(json.dumps({
             "spec": str(args.spec),
@@ -231,8 +259,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "shape_source": shape_source,
             "shape": shape.to_json(),
             "hosts": [
-                {"host": host, "error": v} if isinstance(v, str)
-                else {"host": host, "plans": [p.to_json() for p in v]}
+                ({"host": host, "error": v} if isinstance(v, str)
+                 else {"host": host, "plans": [p.to_json() for p in v]})
+                | ({"image": dataclasses.asdict(drivers[host])} if host in drivers else {})
                 for host, v in result.items()],
             "ok": not refused,
         }, indent=2))
@@ -242,6 +271,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print()
             print(f"== {host} ==")
             print(f"cannot plan: {v}" if isinstance(v, str) else render_table(v))
+            if host in drivers:
+                print(driver_line(drivers[host], image_cuda.fact_driver((facts or {})[host])))
     return EXIT_REFUSED if refused else EXIT_OK
 
 

@@ -28,7 +28,7 @@ from gpufleet.facts.nvidia import NvidiaGpus
 from gpufleet.fleet import lost_hosts
 from gpufleet.fleet import run_lock as hostlock
 from gpufleet.fleet.deploy_results import DeployResult, hand_back
-from gpufleet.model import names
+from gpufleet.model import image_cuda, names
 from gpufleet.model import secrets as service_secrets
 from gpufleet.model.gpus import compute_floor
 from gpufleet.model.model_shape import ModelShape
@@ -114,19 +114,36 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     Returns the release it records and its health gate (the endpoint check), also handed back
     to a rollout driver that runs this deploy (``gpufleet.fleet.deploy_results``).
     """
-    _gpus_and_docker(spec, plan)
+    spec, driver_refusal = host_image(spec)
+    _gpus_and_docker(spec, plan, driver_refusal)
     env_file = _storage_image_and_secrets(spec, secrets, shape, hub_endpoint)
     return _service_verified_and_recorded(spec, secrets, shape, plan, env_file)
 
 
-def _gpus_and_docker(spec: ServiceSpec, plan: planner.Plan | None) -> None:
-    """The GPUs checked, then docker with the NVIDIA runtime as its default."""
+def host_image(spec: ServiceSpec) -> tuple[ServiceSpec, str | None]:
+    """The spec this host runs, and why its NVIDIA driver cannot run the image (or None).
+
+    Read from the driver before the image is pulled. With ``image_cuda: match_driver`` the
+    image becomes the tag of the same release this host's driver runs, so the unit and the
+    release record pin that tag (``gpufleet.model.image_cuda``)."""
+    verdict = image_cuda.driver_verdict(spec.image, image_cuda.fact_driver(
+        host.get_fact(NvidiaGpus)), spec.image_cuda)
+    if verdict.note:
+        logger.warning(f"{host.print_prefix}image: {verdict.note}")
+    if verdict.image != spec.image:
+        spec = dataclasses.replace(spec, image=verdict.image)
+    return spec, verdict.problem
+
+
+def _gpus_and_docker(spec: ServiceSpec, plan: planner.Plan | None,
+                     driver_refusal: str | None = None) -> None:
+    """The GPUs and the driver checked, then docker with the NVIDIA runtime as its default."""
     refusal = None
     if plan is not None and not plan.fits:
         refusal = "the plan refuses this host: " + " ".join(plan.reasons)
     nvidia.gpus_verified(
         name="Check the NVIDIA driver and GPUs", host_name=host.name, plan_refusal=refusal,
-        **gpu_requirements(spec),
+        driver_refusal=driver_refusal, **gpu_requirements(spec),
     )
     # daemon.json first: a broken file stops the host before anything changes
     daemon = docker.daemon_json(

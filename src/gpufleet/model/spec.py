@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pyinfra.api.exceptions import PyinfraError
 
-from gpufleet.model import names, vllm_flags
+from gpufleet.model import image_cuda, names, vllm_flags
 from gpufleet.model.gpus import compute_floor
 from gpufleet.model.spec_fields import (
     DEFAULTS,
@@ -109,6 +109,7 @@ class ServiceSpec:
     service: str
     model: str
     image: str
+    image_cuda: str = DEFAULTS["image_cuda"]
     revision: str = DEFAULTS["revision"]
     quantization: str = DEFAULTS["quantization"]
     kv_cache_dtype: str = DEFAULTS["kv_cache_dtype"]
@@ -543,6 +544,13 @@ def _validate(spec: ServiceSpec, source: str) -> None:
         fail("revision", f"must be a branch, tag or commit of the model repo (letters, digits, "
                          f"'.', '_', '-', '/'; no '..'), got {_show(spec.revision)}")
     _validate_image(spec.image, source)
+    if spec.image_cuda not in image_cuda.MODES:
+        fail("image_cuda", f"must be one of {', '.join(image_cuda.MODES)}, got "
+                           f"{_show(spec.image_cuda)}")
+    if spec.image_cuda == image_cuda.MATCH_DRIVER and image_cuda.image_build(spec.image) is None:
+        fail("image_cuda", f"match_driver needs a {image_cuda.REPOSITORY} version tag (such as "
+                           f"{PINNED_IMAGE!r}) to pick each host's CUDA build, and image "
+                           f"{spec.image!r} has none: pin such a tag or set image_cuda: pinned")
     if spec.quantization not in QUANTIZATION_FLAGS:
         fail("quantization", f"must be one of {', '.join(QUANTIZATION_FLAGS)}, got "
                              f"{_show(spec.quantization)}"
@@ -639,14 +647,14 @@ def _validate_image(image: str, source: str) -> None:
     match = _IMAGE.fullmatch(image) if len(image) <= 512 else None
     if not match:
         raise SpecError(f"{source}: image {_show(image)} is not a docker image reference like "
-                        f"'{PINNED_IMAGE}'")
+                        f"{PINNED_IMAGE!r}")
     tag, digest = match.group("tag"), match.group("digest")
     if not tag and not digest:
         raise SpecError(f"{source}: image {image!r} has no tag: pin a release such as "
-                        f"'{PINNED_IMAGE}' so a rebuild reproduces the same server")
+                        f"{PINNED_IMAGE!r} so a rebuild reproduces the same server")
     if tag == "latest" and not digest:
         raise SpecError(f"{source}: image {image!r} uses 'latest', which changes under you: "
-                        f"pin a release such as '{PINNED_IMAGE}'")
+                        f"pin a release such as {PINNED_IMAGE!r}")
 
 
 def load_spec(

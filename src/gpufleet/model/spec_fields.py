@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gpufleet.model import image_cuda
+
 NVIDIA_TOOLKIT_REPO_URL = "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH)"
 NVIDIA_TOOLKIT_KEY_URL = "https://nvidia.github.io/libnvidia-container/gpgkey"
 
@@ -67,6 +69,15 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
               "Hugging Face model id"),
     SpecField("image", "str", REQUIRED, "a tag other than `latest`, or a digest",
               "vLLM image, pinned"),
+    SpecField("image_cuda", "str", image_cuda.PINNED,
+              " or ".join(f"`{mode}`" for mode in image_cuda.MODES),
+              f"the image is checked against each host's NVIDIA driver before the pull (a "
+              f"`{image_cuda.REPOSITORY}` version tag: CUDA {image_cuda.CUDA_13_0.cuda} needs "
+              f"driver >= {image_cuda.CUDA_13_0.driver_floor}; from v0.20.0 the `-cu129` tags "
+              f"are CUDA {image_cuda.CUDA_12_9.cuda}, >= {image_cuda.CUDA_12_9.driver_floor}); "
+              f"`{image_cuda.PINNED}`: a host with an older driver fails; "
+              f"`{image_cuda.MATCH_DRIVER}`: it runs the tag of the same release its driver "
+              "runs, pinned in its unit and release"),
     SpecField("revision", "str", "main", "a git ref or commit (letters, digits, `._/-`)",
               "branch, tag or commit of the model repository (`--revision`)"),
     SpecField("quantization", "str", "auto", "`auto`, `fp16`, `bf16`, `fp8`, `awq`, `gptq`",
@@ -92,7 +103,8 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
               "`--tensor-parallel-size` when above 1", nullable=True,
               shown_default="`gpu_count`"),
     SpecField("extra_args", "args", (),
-              "as vLLM v0.11's argparse takes them: known flags only, a value after each flag "
+              "as the pinned vLLM's `vllm serve` parser takes them (`vllm_serve_flags.json`, "
+              "generated from it): known flags only, a value after each flag "
               "that takes one (`--x V`, `--x=V`) and after no switch (`--enforce-eager`, "
               "`--no-enforce-eager`), no bare words; flags the spec owns and secrets are "
               "refused", "more `vllm serve` flags"),

@@ -2,9 +2,10 @@
 
 vLLM rejects an unknown flag only when the container starts, minutes into a deploy and after the
 old server was stopped. gpufleet checks ``extra_args`` on the controller instead, against the
-``vllm serve`` flag set of vLLM v0.11 (engine args + OpenAI server args) in
-``vllm_serve_flags.json``; flags the spec owns are refused in ``extra_args`` so there is one
-place for each setting.
+``vllm serve`` flag set of the pinned vLLM release (``vllm_version.PINNED_IMAGE``) in
+``vllm_serve_flags.json``, which ``scripts/generate_vllm_flags.py`` writes from vLLM's own
+parser; flags the spec owns are refused in ``extra_args`` so there is one place for each
+setting.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import re
 from importlib import resources
 from typing import Any
 
-# Flags that the spec sets itself: pass them through spec keys, not extra_args.
-SPEC_OWNED: dict[str, str] = {
+# Flags that the spec sets itself: pass them through spec keys, not extra_args. Their other
+# spellings (``-tp``, ``--no-enable-prefix-caching``, ...) come from the flag file (SPEC_OWNED).
+_SPEC_KEYS: dict[str, str] = {
     "--model": "model",
     "--revision": "revision",
     "--served-model-name": "served_model_name",
@@ -26,23 +28,21 @@ SPEC_OWNED: dict[str, str] = {
     "--max-model-len": "max_model_len",
     "--max-num-seqs": "max_num_seqs",
     "--tensor-parallel-size": "tensor_parallel_size",
-    "-tp": "tensor_parallel_size",
     "--quantization": "quantization",
-    "-q": "quantization",
     "--dtype": "quantization",
     "--kv-cache-dtype": "kv_cache_dtype",
     "--enable-prefix-caching": "enable_prefix_caching",
-    "--no-enable-prefix-caching": "enable_prefix_caching",
     "--download-dir": "models_dir",
 }
 
 # Secrets never go on a command line (they would show in `ps` and the unit file).
 SECRET_FLAGS = ("--api-key", "--hf-token")
 
-# How vLLM v0.11's argparse takes each flag: the data file vllm_serve_flags.json next to this
-# module (also read by the lab's stand-in vLLM). In v0.11 a bool field of the engine and frontend
-# dataclasses becomes an ``argparse.BooleanOptionalAction`` (``--x`` and ``--no-x``, no value);
-# a list field takes one or more values (``nargs="+"``); everything else takes exactly one value.
+# How vLLM's argparse takes each flag: the data file vllm_serve_flags.json next to this module
+# (generated from the pinned release's parser; also read by the lab's stand-in vLLM). A bool
+# field of vLLM's engine and frontend dataclasses becomes an ``argparse.BooleanOptionalAction``
+# (``--x`` and ``--no-x``, no value); a list field takes one or more values (``nargs="+"``);
+# everything else takes exactly one value.
 FLAGS_FILE = "vllm_serve_flags.json"
 SWITCH = "switch"          # BooleanOptionalAction: --x / --no-x, never a value
 STORE_TRUE = "store_true"  # --x only (no --no-x), never a value
@@ -62,6 +62,22 @@ def load_serve_flags() -> list[dict[str, Any]]:
         if entry["kind"] not in KINDS:
             raise ValueError(f"{FLAGS_FILE}: {entry['flag']} has an unknown kind {entry['kind']!r}")
     return flags
+
+
+def _spellings(entry: dict[str, Any]) -> list[str]:
+    """Every way to write one flag: itself, its aliases, and ``--no-`` forms of a switch."""
+    names = [entry["flag"], *entry.get("aliases", ())]
+    if entry["kind"] == SWITCH:
+        names += ["--no-" + name[2:] for name in names if name.startswith("--")]
+    return names
+
+
+def _spec_owned(entries: list[dict[str, Any]]) -> dict[str, str]:
+    owned = dict(_SPEC_KEYS)
+    for entry in entries:
+        if entry["flag"] in _SPEC_KEYS:
+            owned.update(dict.fromkeys(_spellings(entry), _SPEC_KEYS[entry["flag"]]))
+    return owned
 
 
 def _not_extra(flag: str) -> bool:
@@ -84,6 +100,8 @@ def _aliases(entries: list[dict[str, Any]]) -> dict[str, str]:
 
 
 _SERVE_FLAGS = load_serve_flags()
+# every spelling of a flag the spec sets -> the spec key to use instead
+SPEC_OWNED: dict[str, str] = _spec_owned(_SERVE_FLAGS)
 # kind -> the flags extra_args may carry
 FLAG_TABLE: dict[str, tuple[str, ...]] = _flag_table(_SERVE_FLAGS)
 # short spellings (a single-dash alias never gets a --no- form)
@@ -150,9 +168,24 @@ def _refused(flag: str) -> str | None:
     return None
 
 
+def expand_optimization_level(args: tuple[str, ...] | list[str]) -> list[str]:
+    """vLLM's FlexibleArgumentParser reads ``-O3``, ``-O=3`` and ``-O 3`` (0-3) as
+    ``--optimization-level 3`` before argparse sees them."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("-O") and arg != "-O":
+            out += ["--optimization-level", arg[3:] if arg[2] == "=" else arg[2:]]
+        elif arg == "-O" and i + 1 < len(args) and args[i + 1] in ("0", "1", "2", "3"):
+            out.append("--optimization-level")
+        else:
+            out.append(arg)
+    return out
+
+
 def check_extra_args(args: tuple[str, ...] | list[str]) -> str | None:
     """Return a message for the first problem in ``args``, or None when vLLM's argparse would
     take them: known flags only, a value after each flag that takes one and after no other."""
+    args = expand_optimization_level(args)
     i = 0
     previous: str | None = None
     while i < len(args):

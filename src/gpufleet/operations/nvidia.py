@@ -33,6 +33,7 @@ def gpus_verified(
     why_compute_capability: str = VLLM_FLOOR.reason,
     host_name: str | None = None,
     plan_refusal: str | None = None,
+    driver_refusal: str | None = None,
 ):
     """
     Check that the host has working NVIDIA GPUs that can run the service; fail this host alone,
@@ -44,6 +45,7 @@ def gpus_verified(
     + why_compute_capability: the reason for that minimum, for the message
     + host_name: name used in messages (defaults to the inventory name)
     + plan_refusal: why the VRAM plan for these GPUs refuses the service (gpufleet.planner.plan), if it does
+    + driver_refusal: why the driver cannot run the image (gpufleet.model.image_cuda), if it cannot
 
     **Example:**
 
@@ -60,6 +62,8 @@ def gpus_verified(
     fact = host.get_fact(NvidiaGpus)
     need = GpuRequirements(count, memory_mib, tuple(compute_capability), why_compute_capability)
     problem = check_gpus(fact, need, host_name or host.name)
+    if problem is None and driver_refusal:
+        problem = f"{host_name or host.name}: {driver_refusal}"
     if problem is None and plan_refusal:
         problem = f"{host_name or host.name}: {describe_gpus(fact['gpus'])}: {plan_refusal}"
     if problem:
