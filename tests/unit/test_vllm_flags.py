@@ -59,8 +59,14 @@ def test_every_entry_has_a_known_kind_and_no_flag_twice():
     assert {e["kind"] for e in entries} <= set(vllm_flags.KINDS)
 
 
-@pytest.mark.parametrize("args", [["--kv-cache-memory-bytes", "2G"], ["--kv-cache-memory", "1G"],
-                                  ["--middleware", "a.b", "--middleware", "c.d"], ["-ep"],
+@pytest.mark.parametrize("flag", ["--kv-cache-memory-bytes", "--kv-cache-memory"])
+def test_the_kv_cache_size_is_the_specs(flag):
+    assert vllm_flags.check_extra_args([flag, "2G"]) == (
+        f"must not contain {flag}: set the spec key 'kv_cache_memory' instead")
+    vllm_standin.parse_cli(["serve", "m", flag, "2G"])    # the stand-in still takes it
+
+
+@pytest.mark.parametrize("args", [["--middleware", "a.b", "--middleware", "c.d"], ["-ep"],
                                   ["--trust-request-chat-template"], ["-dpn", "0"]])
 def test_flags_once_missing_on_one_side_are_taken_by_both(args):
     assert vllm_flags.check_extra_args(args) is None

@@ -31,6 +31,8 @@ SPEC_OWNED: dict[str, str] = {
     "-q": "quantization",
     "--dtype": "quantization",
     "--kv-cache-dtype": "kv_cache_dtype",
+    "--kv-cache-memory-bytes": "kv_cache_memory",
+    "--kv-cache-memory": "kv_cache_memory",
     "--enable-prefix-caching": "enable_prefix_caching",
     "--no-enable-prefix-caching": "enable_prefix_caching",
     "--download-dir": "models_dir",
