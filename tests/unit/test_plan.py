@@ -1,4 +1,6 @@
-"""The planner, with numbers checked by hand (the arithmetic is in the comments).
+"""The planner under vLLM v0.11.0, with numbers checked by hand (the arithmetic is in the
+comments). Every plan here is for a spec or an image that pins v0.11.0 (``V0_11_IMAGE``); what
+v0.32 does differently is in test_plan_releases.py.
 
 Units: MiB = 1,048,576 bytes, GiB = 1,073,741,824 bytes. Constants from gpufleet.planner.memory:
 block 16 tokens; activation + non-torch reserve 1280 MiB at vLLM's 2048 batched tokens and
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +38,17 @@ from gpufleet.model.gpu_check import GpuRequirements, check_gpus
 from gpufleet.model.gpus import COMPUTE_FLOORS, VLLM_FLOOR, Gpu, gpus_from_fact
 from gpufleet.model.spec import build_spec
 from gpufleet.model.vllm_args import QUANTIZATION_FLAGS
+from gpufleet.planner import plan as planner
 from gpufleet.planner.memory import kv_bytes_per_token
-from gpufleet.planner.plan import Plan, plan_for_gpus, plan_for_spec
+from gpufleet.planner.plan import Plan, plan_for_spec
 from gpufleet.planner.render import render_table
 from gpufleet.planner.shapes import KNOWN_SHAPES, known_shape
 from gpufleet.planner.units import GiB, cc_text
 from gpufleet.planner.verdict import FITS, FRAGILE, REFUSED
 from gpufleet.planner.weights import estimate_weights
 
+V0_11_IMAGE = "vllm/vllm-openai:v0.11.0"
+plan_for_gpus = partial(planner.plan_for_gpus, image=V0_11_IMAGE)
 L8 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B-Instruct"]
 L70 = KNOWN_SHAPES["meta-llama/Meta-Llama-3-70B-Instruct"]
 L31 = KNOWN_SHAPES["meta-llama/Llama-3.1-8B-Instruct"]
@@ -446,7 +452,7 @@ def test_vllm_scheduler_defaults_by_gpu_class():
 # -- the spec, JSON and the table --------------------------------------------------------------
 
 SPEC = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
-        "image": "vllm/vllm-openai:v0.11.0", "max_model_len": 8192, "max_num_seqs": 32}
+        "image": V0_11_IMAGE, "max_model_len": 8192, "max_num_seqs": 32}
 
 
 def test_plan_for_spec_reads_the_spec_and_extra_args():
@@ -473,7 +479,7 @@ def test_spec_and_plan_sizing_flags_come_from_one_builder(monkeypatch):
 
     monkeypatch.setattr(vllm_args, "sizing_flags", spy)
     spec = build_spec({**SPEC, "quantization": "fp8", "kv_cache_dtype": "fp8",
-                       "tensor_parallel_size": 2, "gpu_count": 2})
+                       "tensor_parallel_size": 2, "gpu_count": 2, "gpu_memory_utilization": 0.9})
     stated = spec.sizing_args()
     planned = plan_for_spec(spec, L8, gpu_catalog.gpus("h100x8"))
     assert len(calls) == 2

@@ -88,7 +88,14 @@ def test_every_entry_has_a_known_kind_and_no_flag_twice():
     assert {e["kind"] for e in entries} <= set(vllm_flags.KINDS)
 
 
-@pytest.mark.parametrize("args", [["--kv-cache-memory-bytes", "2G"], ["-O3"], ["-O", "0"],
+@pytest.mark.parametrize("flag", ["--kv-cache-memory-bytes"])
+def test_the_kv_cache_size_is_the_specs(flag):
+    assert vllm_flags.check_extra_args([flag, "2G"]) == (
+        f"must not contain {flag}: set the spec key 'kv_cache_memory' instead")
+    vllm_standin.parse_cli(["serve", "m", flag, "2G"])    # the stand-in still takes it
+
+
+@pytest.mark.parametrize("args", [["-O3"], ["-O", "0"],
                                   ["--middleware", "a.b", "--middleware", "c.d"], ["-ep"],
                                   ["--trust-request-chat-template"], ["-dpn", "0"],
                                   ["--no-enable-log-requests"]])

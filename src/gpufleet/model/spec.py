@@ -35,6 +35,7 @@ from gpufleet.model.vllm_args import QUANTIZATION_FLAGS, serve_args, spec_sizing
 from gpufleet.model.vllm_version import PINNED_IMAGE
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+KV_CACHE_MEMORY = ("auto", "planned")   # auto: vLLM sizes the KV cache; planned: the plan does
 CGROUP_DRIVERS = ("cgroupfs", "systemd")
 
 # Settings the lab (or a mirror) may point elsewhere through the environment.
@@ -116,7 +117,8 @@ class ServiceSpec:
     port: int = DEFAULTS["port"]
     bind_address: str = DEFAULTS["bind_address"]
     served_model_name: str | None = DEFAULTS["served_model_name"]
-    gpu_memory_utilization: float = DEFAULTS["gpu_memory_utilization"]
+    gpu_memory_utilization: float | None = DEFAULTS["gpu_memory_utilization"]
+    kv_cache_memory: str = DEFAULTS["kv_cache_memory"]
     max_model_len: int | None = DEFAULTS["max_model_len"]
     max_num_seqs: int | None = DEFAULTS["max_num_seqs"]
     enable_prefix_caching: bool = DEFAULTS["enable_prefix_caching"]
@@ -569,11 +571,14 @@ def _validate(spec: ServiceSpec, source: str) -> None:
     if address is None or "%" in spec.bind_address or str(address) != spec.bind_address:
         fail("bind_address", f"must be an IP address such as 0.0.0.0 or 127.0.0.1, "
                              f"got {_show(spec.bind_address)}")
-    if not 0.0 < spec.gpu_memory_utilization < 1.0:
+    if spec.gpu_memory_utilization is not None and not 0.0 < spec.gpu_memory_utilization < 1.0:
         fail("gpu_memory_utilization",
              f"must be strictly between 0 and 1, got {spec.gpu_memory_utilization:g} "
              "(vLLM pre-allocates this share of each GPU; 1.0 leaves nothing for the CUDA "
-             "context and fails at start, 0.9 is vLLM's default)")
+             "context and fails at start; leave it unset for vLLM's default)")
+    if spec.kv_cache_memory not in KV_CACHE_MEMORY:
+        fail("kv_cache_memory", f"must be one of {', '.join(KV_CACHE_MEMORY)}, got "
+                                f"{_show(spec.kv_cache_memory)}")
     for key in ("max_model_len", "max_num_seqs", "tensor_parallel_size"):
         value = getattr(spec, key)
         if value is not None and value < 1:

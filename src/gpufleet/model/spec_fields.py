@@ -91,8 +91,13 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
     SpecField("served_model_name", "str", None,
               "letters, digits, `._:/+-`, at most 128", "the name clients ask for",
               nullable=True, shown_default="the model id"),
-    SpecField("gpu_memory_utilization", "float", 0.9, "strictly between 0 and 1",
-              "share of each GPU vLLM pre-allocates"),
+    SpecField("gpu_memory_utilization", "float", None, "strictly between 0 and 1",
+              "share of each GPU vLLM pre-allocates", nullable=True,
+              shown_default="the image's vLLM's (0.92 from v0.21.0, 0.9 before)"),
+    SpecField("kv_cache_memory", "str", "auto", "`auto` or `planned`",
+              "`planned`: pass the host's plan's KV cache size as `--kv-cache-memory-bytes` "
+              "(vLLM then allocates exactly that, whatever `gpu_memory_utilization` leaves; "
+              "`gpufleet plan` shows the value); `auto`: vLLM sizes it at start"),
     SpecField("max_model_len", "int", None, "at least 1", "context length", nullable=True,
               shown_default="model's"),
     SpecField("max_num_seqs", "int", None, "at least 1", "concurrent sequences", nullable=True,

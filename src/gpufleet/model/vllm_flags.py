@@ -31,6 +31,7 @@ _SPEC_KEYS: dict[str, str] = {
     "--quantization": "quantization",
     "--dtype": "quantization",
     "--kv-cache-dtype": "kv_cache_dtype",
+    "--kv-cache-memory-bytes": "kv_cache_memory",
     "--enable-prefix-caching": "enable_prefix_caching",
     "--download-dir": "models_dir",
 }

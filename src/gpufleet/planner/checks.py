@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from gpufleet.model.gpus import VLLM_FLOOR, compute_floor
 from gpufleet.model.model_shape import ModelShape
+from gpufleet.model.vllm_releases import GRAPH_ESTIMATE_ENV, VllmRelease
+from gpufleet.model.vllm_version import VllmVersion
 from gpufleet.planner.inputs import HostGpus
 from gpufleet.planner.memory import CUDA_CONTEXT_MIB, MemoryLayout
 from gpufleet.planner.units import MiB, cc_text, gib, mib
@@ -96,6 +98,39 @@ def check_utilization(host: HostGpus, util: float, found: Findings) -> bool:
     return False
 
 
+def check_graph_accounting(release: VllmRelease, version: VllmVersion,
+                           container_env: tuple[tuple[str, str], ...], found: Findings) -> bool:
+    """Whether vLLM takes its CUDA-graph estimate from the budget: the release's default, or
+    what the spec's container_env sets (vLLM reads ``bool(int(value))``, ``vllm/envs.py``)."""
+    value = dict(container_env).get(GRAPH_ESTIMATE_ENV)
+    setting = f"container_env {GRAPH_ESTIMATE_ENV}={value}"
+    if not release.graph_estimate_env:
+        if value is not None:
+            found.notes.append(f"{setting} has no effect: vLLM {version} does not read it "
+                               "(CUDA graphs are outside the budget)")
+        return False
+    if value is None:
+        inside = release.graphs_in_budget
+    else:
+        try:
+            inside = bool(int(value))
+        except ValueError:
+            found.reasons.append(f"{setting}: vLLM reads it as a whole number and stops at "
+                                 "start; set 0 or 1")
+            return release.graphs_in_budget
+    if inside:
+        why = setting if value is not None else f"{GRAPH_ESTIMATE_ENV} defaults to 1"
+        found.notes.append(
+            f"vLLM {version} takes its CUDA-graph estimate from the budget, so the KV cache is "
+            f"smaller by it ({why}); "
+            f"{GRAPH_ESTIMATE_ENV}=0 in container_env counts the graphs outside the budget")
+    else:
+        found.notes.append(
+            f"{setting}: CUDA graphs are captured outside the budget, as in v0.11 (vLLM warns "
+            "that gpu_memory_utilization may need lowering)")
+    return inside
+
+
 def check_model_len(shape: ModelShape, max_model_len: int | None, found: Findings) -> None:
     if max_model_len is None:
         found.notes.append(f"max_model_len not set: vLLM uses the model's "
@@ -113,7 +148,7 @@ def check_memory(layout: MemoryLayout, weights: WeightEstimate, host: HostGpus, 
     """Outside the budget, the online fp8 load, then weights and KV cache inside it."""
     if util_ok:
         _check_outside_budget(layout, host, util, found)
-    if weights.load_peak_bytes > weights.total_bytes:
+    if weights.loads_16bit_first:
         _check_online_fp8_load(layout, found)
     _check_weights_and_kv_cache(layout, host, util, model_len, found)
 
@@ -127,9 +162,10 @@ def _check_outside_budget(layout: MemoryLayout, host: HostGpus, util: float,
             f"{host.usable_mib:,} MiB usable, less than the ~{mib(layout.cuda_context)} CUDA "
             f"context vLLM holds before it checks free memory: at most {layout.util_max:g}")
     elif outside < layout.outside:
+        held = "the CUDA context" if layout.graphs_inside else "the CUDA context and CUDA graphs"
         found.warnings.append(
-            f"only {mib(outside)} left outside the budget for the CUDA context and CUDA "
-            f"graphs (~{mib(layout.outside)}): graph capture may run out of memory, and any "
+            f"only {mib(outside)} left outside the budget for {held} "
+            f"(~{mib(layout.outside)}): graph capture may run out of memory, and any "
             f"other process on the GPU stops vLLM at start; {OUTSIDE_MARGIN_NOTE} "
             f"(<= {layout.util_max:g})")
 
@@ -152,6 +188,8 @@ def _check_weights_and_kv_cache(layout: MemoryLayout, host: HostGpus, util: floa
     how = (f"budget {gib(layout.budget)} = {util:g} x {host.usable_mib:,} MiB usable "
            f"({host.memory_mib:,} MiB - {host.reserved_mib} MiB driver reserve)")
     can_fit = layout.util_min <= layout.util_max
+    graphs = (f" - CUDA graph estimate {gib(layout.graphs_inside)}" if layout.graphs_inside
+              else "")
     if layout.weights > layout.budget:
         found.reasons.append(
             f"weights {gib(layout.weights)} per GPU do not fit the {how}"
@@ -161,12 +199,13 @@ def _check_weights_and_kv_cache(layout: MemoryLayout, host: HostGpus, util: floa
     elif layout.kv_left <= 0:
         found.reasons.append(
             f"no memory left for the KV cache: {how} - weights {gib(layout.weights)} - reserve "
-            f"{gib(layout.reserve)} (peak activation, non-torch) = {gib(layout.kv_left)}")
+            f"{gib(layout.reserve)} (peak activation, non-torch){graphs} = "
+            f"{gib(layout.kv_left)}")
     elif layout.kv_cache < layout.one_sequence:
         fix = f"raise gpu_memory_utilization to >= {layout.util_min:.2f} or " if can_fit else ""
         found.reasons.append(
             f"KV cache too small for one sequence of max_model_len {model_len:,}: "
-            f"{how} - weights {gib(layout.weights)} - reserve {gib(layout.reserve)} = "
-            f"{gib(layout.kv_cache)}, {layout.tokens:,} tokens at "
+            f"{how} - weights {gib(layout.weights)} - reserve {gib(layout.reserve)}{graphs} "
+            f"= {gib(layout.kv_cache)}, {layout.tokens:,} tokens at "
             f"{layout.kv_per_token_per_gpu:,} bytes/token; one sequence needs "
             f"{gib(layout.one_sequence)}: {fix}set max_model_len <= {layout.tokens:,}")

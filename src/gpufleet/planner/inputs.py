@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpufleet.model.gpus import Gpu, gpu_from_dict
+from gpufleet.model.vllm_releases import VllmRelease
+from gpufleet.model.vllm_version import VllmVersion
 from gpufleet.planner.memory import DEFAULT_DRIVER_RESERVED_MIB
 
 
@@ -55,10 +57,16 @@ class PlanSettings:
 
     quantization: str
     kv_cache_dtype: str
-    util: float                     # gpu_memory_utilization
+    util: float                     # gpu_memory_utilization (the release's default if unset)
+    util_unset: bool                # the spec left it to vLLM's default
     max_model_len: int | None
     max_num_seqs: int | None
     max_num_batched_tokens: int | None
     required_gpus: int              # the spec's gpu_count
     enforce_eager: bool
     label: str
+    version: VllmVersion            # the image's vLLM
+    release: VllmRelease            # what that release does (gpufleet.model.vllm_releases)
+    container_env: tuple[tuple[str, str], ...]
+    kv_cache_memory: str            # auto | planned (pass --kv-cache-memory-bytes)
+    notes: tuple[str, ...]          # what was assumed about the release

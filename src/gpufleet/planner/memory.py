@@ -1,13 +1,16 @@
-"""Where one GPU's memory goes under vLLM v0.11: the memory model and its constants.
+"""Where one GPU's memory goes under vLLM: the memory model and its constants.
 
-The model is vLLM v0.11's (``vllm/v1/worker/gpu_worker.py``); ``docs/planner.md`` derives it,
-and ``docs/evidence/`` holds the measurements and log figures behind the constants. Per GPU:
+The model is vLLM's ``vllm/v1/worker/gpu_worker.py`` (v0.11.0 and v0.32.0); what differs by
+release is in ``gpufleet.model.vllm_releases``; ``docs/planner.md`` derives it, and
+``docs/evidence/`` holds the measurements and log figures behind the constants. Per GPU:
 
     usable   = memory.total - memory.reserved      (what CUDA reports as total)
     budget   = usable x gpu_memory_utilization     (vLLM's ``requested_memory``)
-    KV cache = budget - weights/tp - reserve        (reserve: peak activation + non-torch)
-    outside the budget: the CUDA context (made before vLLM's start-up snapshot) and the CUDA
-    graphs (v0.11 captures them after the KV cache is allocated).
+    KV cache = budget - weights/tp - reserve [- CUDA graphs]
+               (reserve: peak activation + non-torch; vLLM >= 0.21 also takes its CUDA-graph
+               estimate from the budget, unless VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS=0)
+    outside the budget: the CUDA context (made before vLLM's start-up snapshot) and, where the
+    estimate is not in the budget (v0.11), the CUDA graphs, captured after the KV cache.
     KV bytes per token = 2 (K and V) x layers x kv_heads x head_dim x dtype bytes, / tp
 
 Every constant says where it comes from. They are estimates: vLLM measures the real values at
@@ -21,6 +24,8 @@ import math
 from dataclasses import dataclass
 
 from gpufleet.model.model_shape import ModelShape
+from gpufleet.model.vllm_releases import VllmRelease
+from gpufleet.model.vllm_version import VllmVersion
 from gpufleet.planner.units import MiB
 from gpufleet.planner.weights import WeightEstimate
 
@@ -45,7 +50,9 @@ CUDA_CONTEXT_MIB = 576
 CUDA_CONTEXT_TP_EXTRA_MIB = 256
 # CUDA graphs: v0.11 captures them after allocating the KV cache, from memory outside the
 # budget; its logs report 0.54-0.68 GiB for 7-8B models ("Graph capturing finished ... took
-# 0.67 GiB"). We scale 512 MiB per 32 layers; ``--enforce-eager`` captures none.
+# 0.67 GiB"). We scale 512 MiB per 32 layers; ``--enforce-eager`` captures none. vLLM >= 0.21
+# estimates the same graphs before sizing the KV cache and takes that estimate from the budget;
+# we take the same figure as its estimate (not calibrated against a 0.32 log yet).
 CUDA_GRAPH_MIB_PER_LAYER = 16
 
 # Inside the budget, besides the weights: the peak activation memory of vLLM's profile run (a
@@ -59,12 +66,7 @@ ACTIVATION_MIB_AT_2048_TOKENS = 1280
 ACTIVATION_MIB_AT_8192_TOKENS = 2048
 NON_TORCH_TP_MIB = 512
 
-# vLLM v0.11's scheduler defaults for ``vllm serve`` (``EngineArgs._set_default_args``):
-# GPUs with >= 70 GiB (CUDA total) whose name does not contain "a100" get 8192 batched
-# tokens and 1024 sequences; the others 2048 and 256.
-LARGE_GPU_MIB = 70 * 1024
-DEFAULTS_LARGE = (8192, 1024)
-DEFAULTS_COMPACT = (2048, 256)
+# vLLM's scheduler defaults for ``vllm serve`` by GPU: ``VllmRelease.batch_tiers``.
 
 
 def kv_bytes_per_token(shape: ModelShape, kv_cache_dtype: str = "auto", tp: int = 1) -> int:
@@ -88,17 +90,19 @@ def cuda_context_bytes(tp: int) -> int:
     return (CUDA_CONTEXT_MIB + (CUDA_CONTEXT_TP_EXTRA_MIB if tp > 1 else 0)) * MiB
 
 
-def outside_budget_bytes(shape: ModelShape, tp: int, enforce_eager: bool = False) -> int:
-    """CUDA context + CUDA graphs per GPU: memory vLLM uses beyond its budget."""
-    graphs = 0 if enforce_eager else CUDA_GRAPH_MIB_PER_LAYER * shape.num_layers
-    return cuda_context_bytes(tp) + graphs * MiB
+def cuda_graph_bytes(shape: ModelShape, enforce_eager: bool = False) -> int:
+    """The CUDA graphs per GPU (none with ``--enforce-eager``)."""
+    return 0 if enforce_eager else CUDA_GRAPH_MIB_PER_LAYER * shape.num_layers * MiB
 
 
-def vllm_defaults(usable_mib: int, gpu_name: str) -> tuple[int, int, str]:
-    """vLLM v0.11's ``vllm serve`` (max_num_batched_tokens, max_num_seqs) for this GPU."""
-    if usable_mib >= LARGE_GPU_MIB and "a100" not in gpu_name.lower():
-        return (*DEFAULTS_LARGE, "vLLM v0.11 default for GPUs with >= 70 GiB")
-    return (*DEFAULTS_COMPACT, "vLLM v0.11 default for GPUs under 70 GiB")
+def vllm_defaults(usable_mib: int, gpu_name: str, release: VllmRelease,
+                  version: VllmVersion) -> tuple[int, int, str]:
+    """vLLM's ``vllm serve`` (max_num_batched_tokens, max_num_seqs) for this GPU, and whose."""
+    tier = release.batch_defaults(usable_mib, gpu_name)
+    floor = min(t.min_total_gib for t in release.batch_tiers if t.min_total_gib)
+    words = f"with >= {tier.min_total_gib} GiB" if tier.min_total_gib else f"under {floor} GiB"
+    return (tier.max_num_batched_tokens, tier.max_num_seqs,
+            f"vLLM v{version.major}.{version.minor} default for GPUs {words}")
 
 
 @dataclass(frozen=True)
@@ -110,11 +114,12 @@ class MemoryLayout:
     weights: int
     load_peak: int                  # while loading (online fp8 loads 16-bit first)
     reserve: int                    # peak activation + non-torch, inside the budget
-    outside: int                    # CUDA context + CUDA graphs, outside the budget
+    graphs_inside: int              # the CUDA-graph estimate inside the budget (vLLM >= 0.21)
+    outside: int                    # CUDA context (+ CUDA graphs when not inside), outside
     cuda_context: int
     kv_per_token: int               # whole model
     kv_per_token_per_gpu: int
-    kv_left: int                    # budget - weights - reserve; negative when nothing is left
+    kv_left: int                    # budget - weights - reserve - graphs_inside; may be < 0
     kv_cache: int                   # kv_left, at least 0
     tokens: int                     # whole blocks of BLOCK_SIZE tokens
     one_sequence: int               # the KV cache one sequence of max_model_len needs
@@ -125,25 +130,30 @@ class MemoryLayout:
 
 def memory_layout(shape: ModelShape, weights: WeightEstimate, *, usable: int, util: float,
                   tp: int, max_num_batched_tokens: int, max_model_len: int,
-                  kv_cache_dtype: str, enforce_eager: bool) -> MemoryLayout:
-    """The memory model above for one host's GPU (``usable`` bytes) and one set of settings."""
+                  kv_cache_dtype: str, enforce_eager: bool,
+                  graphs_in_budget: bool = False) -> MemoryLayout:
+    """The memory model above for one host's GPU (``usable`` bytes) and one set of settings;
+    ``graphs_in_budget``: vLLM takes its CUDA-graph estimate from the budget (>= 0.21)."""
     budget = int(usable * util) if util > 0 else 0
     per_gpu = math.ceil(weights.total_bytes / tp)
     reserve = activation_reserve_bytes(shape, max_num_batched_tokens, tp)
-    outside = outside_budget_bytes(shape, tp, enforce_eager)
+    graphs = cuda_graph_bytes(shape, enforce_eager)
+    inside = graphs if graphs_in_budget else 0
+    outside = cuda_context_bytes(tp) + graphs - inside
     kv_token_gpu = kv_bytes_per_token(shape, kv_cache_dtype, tp)
-    kv_left = budget - per_gpu - reserve
+    kv_left = budget - per_gpu - reserve - inside
     kv_cache = max(0, kv_left)
     tokens = kv_cache // (BLOCK_SIZE * kv_token_gpu) * BLOCK_SIZE
     one_sequence = math.ceil(max_model_len / BLOCK_SIZE) * BLOCK_SIZE * kv_token_gpu
     return MemoryLayout(
         usable=usable, budget=budget, weights=per_gpu,
-        load_peak=math.ceil(weights.load_peak_bytes / tp), reserve=reserve, outside=outside,
+        load_peak=math.ceil(weights.load_peak_bytes / tp), reserve=reserve,
+        graphs_inside=inside, outside=outside,
         cuda_context=cuda_context_bytes(tp),
         kv_per_token=kv_bytes_per_token(shape, kv_cache_dtype, 1),
         kv_per_token_per_gpu=kv_token_gpu, kv_left=kv_left, kv_cache=kv_cache, tokens=tokens,
         one_sequence=one_sequence,
         concurrency=tokens / max_model_len if max_model_len else 0.0,
-        util_min=math.ceil((per_gpu + reserve + one_sequence) / usable * 100) / 100,
+        util_min=math.ceil((per_gpu + reserve + inside + one_sequence) / usable * 100) / 100,
         util_max=math.floor((usable - outside) / usable * 100) / 100,
     )

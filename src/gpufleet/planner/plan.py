@@ -22,6 +22,8 @@ from gpufleet.model import vllm_args
 from gpufleet.model.gpus import Gpu
 from gpufleet.model.model_shape import ModelShape
 from gpufleet.model.spec import ServiceSpec
+from gpufleet.model.vllm_releases import RELEASES, release_for_image
+from gpufleet.model.vllm_version import PINNED_IMAGE
 from gpufleet.planner import checks
 from gpufleet.planner.checks import Findings, tp_allowed
 from gpufleet.planner.inputs import HostGpus, PlanSettings, host_gpus
@@ -61,7 +63,7 @@ class Plan:
     usable_bytes_per_gpu: int       # memory.total - memory.reserved
     budget_bytes_per_gpu: int       # usable x gpu_memory_utilization
     reserve_bytes_per_gpu: int      # peak activation + non-torch, inside the budget
-    outside_budget_bytes_per_gpu: int  # CUDA context + CUDA graphs, outside the budget
+    outside_budget_bytes_per_gpu: int  # CUDA context (+ CUDA graphs, v0.11), outside the budget
     kv_bytes_per_token: int         # whole model
     kv_bytes_per_token_per_gpu: int
     kv_cache_bytes_per_gpu: int     # budget - weights - reserve, 0 if negative
@@ -72,6 +74,10 @@ class Plan:
     warnings: tuple[str, ...] = ()  # why fragile
     notes: tuple[str, ...] = ()     # assumptions and advice; do not change the verdict
     flags: tuple[str, ...] = field(default=())  # vllm serve flags, in order
+    vllm_version: str = ""          # the image's vLLM release the plan follows
+    graphs_in_budget: bool = False  # vLLM takes its CUDA-graph estimate from the budget
+    graph_estimate_bytes_per_gpu: int = 0   # that estimate, inside the budget (0: outside)
+    kv_cache_memory_bytes: int = 0  # the KV cache in whole blocks: --kv-cache-memory-bytes
 
     @property
     def fits(self) -> bool:
@@ -108,7 +114,7 @@ def plan_for_gpus(
     *,
     quantization: str = "auto",
     kv_cache_dtype: str = "auto",
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float | None = None,
     max_model_len: int | None = None,
     max_num_seqs: int | None = None,
     tensor_parallel_size: int | None = None,
@@ -116,26 +122,40 @@ def plan_for_gpus(
     required_gpus: int = 1,
     enforce_eager: bool = False,
     label: str | None = None,
+    image: str = PINNED_IMAGE,
+    container_env: Sequence[tuple[str, str]] = (),
+    kv_cache_memory: str = "auto",
 ) -> Plan:
-    """Plan ``shape`` on one host's ``gpus``.
+    """Plan ``shape`` on one host's ``gpus``, under the vLLM release ``image`` runs
+    (``gpufleet.model.vllm_releases``; a tag that names no version: the pinned release).
 
+    ``gpu_memory_utilization`` None: that release's default.
     ``max_model_len`` None: the model's max_position_embeddings (vLLM's default).
-    ``max_num_seqs``/``max_num_batched_tokens`` None: vLLM v0.11's defaults for the GPU
-    (1024/8192 on GPUs with >= 70 GiB that are not A100s, else 256/2048).
+    ``max_num_seqs``/``max_num_batched_tokens`` None: the release's defaults for the GPU
+    (v0.11: 1024/8192 on GPUs with >= 70 GiB that are not A100s, else 256/2048).
     ``tensor_parallel_size`` None: the smallest power of two that divides the GPU count and the
     attention and KV heads and gives a plan that fits; failing that one that is fragile; failing
     that the largest candidate, refused with its reasons.
     ``required_gpus``: the spec's gpu_count; fewer GPUs on the host is refused.
+    ``container_env``: the spec's; VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS there is followed.
+    ``kv_cache_memory`` "planned": the flags pass the planned KV cache as
+    ``--kv-cache-memory-bytes``.
     """
     if quantization not in vllm_args.QUANTIZATION_FLAGS:
         raise ValueError(f"quantization must be one of {', '.join(vllm_args.QUANTIZATION_FLAGS)}"
                          f", got {quantization!r}")
     host = host_gpus(gpus)
+    version, release, assumed = release_for_image(image)
+    util = (gpu_memory_utilization if gpu_memory_utilization is not None
+            else release.default_gpu_memory_utilization)
     settings = PlanSettings(
-        quantization=quantization, kv_cache_dtype=kv_cache_dtype, util=gpu_memory_utilization,
+        quantization=quantization, kv_cache_dtype=kv_cache_dtype, util=util,
+        util_unset=gpu_memory_utilization is None,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, required_gpus=required_gpus,
-        enforce_eager=enforce_eager, label=label or quantization)
+        enforce_eager=enforce_eager, label=label or quantization, version=version,
+        release=release, container_env=tuple(container_env), kv_cache_memory=kv_cache_memory,
+        notes=(assumed,) if assumed else ())
     if tensor_parallel_size is not None:
         return _plan_at(shape, host, tensor_parallel_size, "set in the spec", settings)
     return _choose_tensor_parallel(shape, host, settings)
@@ -196,7 +216,11 @@ def summary(p: Plan) -> str:
 
 def _scheduler_settings(host: HostGpus, s: PlanSettings, found: Findings) -> tuple[int, int]:
     """(max_num_batched_tokens, max_num_seqs): the spec's, else vLLM's defaults for the GPU."""
-    default_tokens, default_seqs, default_source = vllm_defaults(host.usable_mib, host.name)
+    default_tokens, default_seqs, default_source = vllm_defaults(
+        host.usable_mib, host.name, s.release, s.version)
+    if s.util_unset and s.util != RELEASES[0].default_gpu_memory_utilization:
+        found.notes.append(f"gpu_memory_utilization {s.util:g}: vLLM {s.version}'s default "
+                           "(the spec leaves it unset)")
     if s.max_num_seqs is None:
         found.notes.append(f"max_num_seqs {default_seqs}: {default_source}")
     if host.reserved_estimated:
@@ -208,9 +232,10 @@ def _scheduler_settings(host: HostGpus, s: PlanSettings, found: Findings) -> tup
 def _plan_at(shape: ModelShape, host: HostGpus, tp: int, tp_source: str,
              s: PlanSettings) -> Plan:
     """One plan at one tensor parallel size: the checks, the memory, the verdict, the flags."""
-    found = Findings(notes=list(host.notes))
+    found = Findings(notes=[*s.notes, *host.notes])
     batched, seqs = _scheduler_settings(host, s, found)
-    weights = estimate_weights(shape, s.quantization)
+    weights = estimate_weights(shape, s.quantization, fp8_flag=s.release.online_fp8,
+                               fp8_loads_16bit=s.release.online_fp8_loads_16bit)
     checks.check_gpu_count(host, s.required_gpus, found)
     checks.check_vllm_floor(host, found)
     found.reasons.extend(weights.problems)
@@ -221,18 +246,26 @@ def _plan_at(shape: ModelShape, host: HostGpus, tp: int, tp_source: str,
     util_ok = checks.check_utilization(host, s.util, found)
     checks.check_model_len(shape, s.max_model_len, found)
     model_len = s.max_model_len or shape.max_position_embeddings
+    graphs_in_budget = checks.check_graph_accounting(s.release, s.version, s.container_env,
+                                                     found)
 
     layout = memory_layout(shape, weights, usable=host.usable_mib * MiB, util=s.util, tp=tp,
                            max_num_batched_tokens=batched, max_model_len=model_len,
-                           kv_cache_dtype=s.kv_cache_dtype, enforce_eager=s.enforce_eager)
+                           kv_cache_dtype=s.kv_cache_dtype, enforce_eager=s.enforce_eager,
+                           graphs_in_budget=graphs_in_budget)
     checks.check_memory(layout, weights, host, s.util, util_ok, model_len, found)
     check_capacity(layout, seqs, model_len, found)
     verdict = verdict_of(found)
     if tp_source:
         found.notes.insert(0, f"tensor_parallel_size {tp}: {tp_source}")
+    kv_bytes = layout.tokens * layout.kv_per_token_per_gpu if verdict != REFUSED else 0
+    passed = kv_bytes if kv_bytes and s.kv_cache_memory == "planned" else None
+    if passed:
+        found.notes.append(_kv_cache_memory_note(passed, s))
     flags = vllm_args.sizing_flags(
         tensor_parallel_size=tp, gpu_memory_utilization=s.util, max_model_len=model_len,
-        max_num_seqs=seqs, quantization=s.quantization, kv_cache_dtype=s.kv_cache_dtype)
+        max_num_seqs=seqs, quantization=s.quantization, kv_cache_dtype=s.kv_cache_dtype,
+        release=s.release, prequantized=bool(shape.quantization), kv_cache_memory_bytes=passed)
     return Plan(
         label=s.label, model=shape.model, commit=shape.commit, gpu_name=host.name,
         gpu_count=host.count, memory_mib=host.memory_mib, reserved_mib=host.reserved_mib,
@@ -248,7 +281,16 @@ def _plan_at(shape: ModelShape, host: HostGpus, tp: int, tp_source: str,
         kv_bytes_per_token_per_gpu=layout.kv_per_token_per_gpu,
         kv_cache_bytes_per_gpu=layout.kv_cache, kv_cache_tokens=layout.tokens,
         max_concurrency=layout.concurrency, verdict=verdict, reasons=tuple(found.reasons),
-        warnings=tuple(found.warnings), notes=tuple(found.notes), flags=tuple(flags))
+        warnings=tuple(found.warnings), notes=tuple(found.notes), flags=tuple(flags),
+        vllm_version=str(s.version), graphs_in_budget=graphs_in_budget,
+        graph_estimate_bytes_per_gpu=layout.graphs_inside, kv_cache_memory_bytes=kv_bytes)
+
+
+def _kv_cache_memory_note(kv_bytes: int, s: PlanSettings) -> str:
+    return (f"kv_cache_memory planned: --kv-cache-memory-bytes {kv_bytes} ({gib(kv_bytes)}, "
+            "whole blocks): vLLM allocates exactly this KV cache instead of sizing it from "
+            f"gpu_memory_utilization, which still sets its start-up free-memory check "
+            f"({s.util:g} x the GPU)")
 
 
 def _extra_arg(extra_args: Sequence[str], flag: str) -> str | None:
@@ -269,9 +311,9 @@ def plan_for_spec(
     gpu_memory_utilization: float | None = None,
     label: str | None = None,
 ) -> Plan:
-    """Plan a service spec on one host. ``quantization``/``gpu_memory_utilization`` replace the
-    spec's (to compare); ``--max-num-batched-tokens`` and ``--enforce-eager`` are read from
-    ``extra_args``."""
+    """Plan a service spec on one host, under the vLLM release of its image.
+    ``quantization``/``gpu_memory_utilization`` replace the spec's (to compare);
+    ``--max-num-batched-tokens`` and ``--enforce-eager`` are read from ``extra_args``."""
     batched = _extra_arg(spec.extra_args, "--max-num-batched-tokens")
     return plan_for_gpus(
         shape, gpus,
@@ -286,4 +328,7 @@ def plan_for_spec(
         required_gpus=spec.gpu_count,
         enforce_eager="--enforce-eager" in spec.extra_args,
         label=label,
+        image=spec.image,
+        container_env=spec.container_env,
+        kv_cache_memory=spec.kv_cache_memory,
     )

@@ -62,20 +62,21 @@ def _rows(plans: Sequence[Plan], *, same_host: bool, same_model: bool) -> list[R
     if not same_host:
         rows.append(("GPUs", cells([f"{p.gpu_count} x {p.gpu_name}" for p in plans])))
     rows += [
+        ("vLLM", cells([_release_cell(p) for p in plans])),
         ("weights as", cells([p.weight_format for p in plans])),
         ("tensor parallel", cells([str(p.tensor_parallel_size) for p in plans])),
         ("weights / GPU", cells([f"{gib(p.weight_bytes_per_gpu)} "
                                  f"({p.bytes_per_parameter:.2f} B/param)" for p in plans])),
         ("budget / GPU", cells([f"{gib(p.budget_bytes_per_gpu)} (x {p.gpu_memory_utilization:g})"
                                 for p in plans])),
-        ("reserve / GPU", cells([f"{gib(p.reserve_bytes_per_gpu)} + "
-                                 f"{gib(p.outside_budget_bytes_per_gpu)} outside" for p in plans])),
+        ("reserve / GPU", cells([_reserve_cell(p) for p in plans])),
         ("KV / token", cells([f"{p.kv_bytes_per_token_per_gpu / 1024:,.0f} KiB/GPU "
                               f"({'8-bit' if p.kv_cache_dtype.startswith('fp8') else '16-bit'}, "
                               f"{p.kv_cache_dtype})" for p in plans])),
         ("KV cache / GPU", cells([f"{gib(p.kv_cache_bytes_per_gpu)} "
                                   f"({p.headroom_fraction:.0%} of budget)" for p in plans])),
         ("tokens", cells([f"{p.kv_cache_tokens:,}" for p in plans])),
+        ("KV cache bytes", cells([_kv_bytes_cell(p) for p in plans])),
         ("concurrency", cells([f"{p.max_concurrency:.2f} x {p.max_model_len:,} tokens"
                                for p in plans])),
         ("max_num_seqs", cells([str(p.max_num_seqs) for p in plans])),
@@ -84,6 +85,25 @@ def _rows(plans: Sequence[Plan], *, same_host: bool, same_model: bool) -> list[R
         ("flags", [_flag_lines(p.flags) for p in plans]),
     ]
     return rows
+
+
+def _release_cell(p: Plan) -> str:
+    return f"{p.vllm_version} (graphs {'in' if p.graphs_in_budget else 'outside'} budget)"
+
+
+def _reserve_cell(p: Plan) -> str:
+    graphs = (f"{gib(p.graph_estimate_bytes_per_gpu)} graphs + "
+              if p.graph_estimate_bytes_per_gpu else "")
+    return (f"{gib(p.reserve_bytes_per_gpu)} + {graphs}"
+            f"{gib(p.outside_budget_bytes_per_gpu)} outside")
+
+
+def _kv_bytes_cell(p: Plan) -> str:
+    """The exact KV cache, as --kv-cache-memory-bytes takes it (passed: in the flags too)."""
+    if not p.kv_cache_memory_bytes:
+        return "-"
+    passed = "--kv-cache-memory-bytes" in p.flags
+    return f"{p.kv_cache_memory_bytes:,}" + (" (passed)" if passed else "")
 
 
 def _columns(plans: Sequence[Plan], rows: list[Row]) -> list[str]:

@@ -22,10 +22,14 @@ class WeightEstimate:
     compute: str                    # fp16|bf16|fp8|awq|gptq: what the GPU must support
     problems: tuple[str, ...] = ()  # refusals that do not depend on the GPU
     notes: tuple[str, ...] = ()
+    loads_16bit_first: bool = False  # online fp8 of vLLM < 0.32: the whole 16-bit model first
 
 
-def estimate_weights(shape: ModelShape, quantization: str) -> WeightEstimate:
-    """What the weights weigh under ``quantization`` (spec values), and why."""
+def estimate_weights(shape: ModelShape, quantization: str, *, fp8_flag: str = "fp8",
+                     fp8_loads_16bit: bool = True) -> WeightEstimate:
+    """What the weights weigh under ``quantization`` (spec values), and why. ``fp8_flag`` and
+    ``fp8_loads_16bit``: how the image's vLLM spells and loads online fp8
+    (``gpufleet.model.vllm_releases.VllmRelease``)."""
     checkpoint = (shape.quantization or "").strip().lower()
     if checkpoint:
         return _prequantized(shape, quantization, checkpoint)
@@ -34,7 +38,7 @@ def estimate_weights(shape: ModelShape, quantization: str) -> WeightEstimate:
     unquantized, split_note = _unquantized_parameters(shape)
     linear = shape.parameters - unquantized
     if quantization == "fp8":
-        return _online_fp8(shape, linear, unquantized, split_note)
+        return _online_fp8(shape, linear, unquantized, split_note, fp8_flag, fp8_loads_16bit)
     return _four_bit(shape, quantization, linear, unquantized, split_note)
 
 
@@ -84,18 +88,25 @@ def _unquantized_parameters(shape: ModelShape) -> tuple[int, str]:
                                 f"{vocab:,}) and norms stay 16-bit")
 
 
-def _online_fp8(shape: ModelShape, linear: int, unquantized: int,
-                split_note: str) -> WeightEstimate:
-    notes = (
-        "online fp8 (vLLM --quantization fp8 on a 16-bit checkpoint): linear layers at "
-        f"1 byte per parameter; {split_note}",
-        "online fp8 loads the model at its original precision before quantizing "
-        "(vLLM docs, features/quantization/fp8.md: 'you need enough memory to load the "
-        "whole model'); that transient peak needs physical GPU memory, not the budget: "
-        "vLLM measures the weights after quantization",
-    )
-    return WeightEstimate(linear + unquantized * 2, shape.parameters * 2,
-                          "online fp8 (linear layers)", "fp8", (), notes)
+def _online_fp8(shape: ModelShape, linear: int, unquantized: int, split_note: str,
+                flag: str, loads_16bit: bool) -> WeightEstimate:
+    total = linear + unquantized * 2
+    if loads_16bit:
+        peak, how = shape.parameters * 2, (
+            "online fp8 loads the model at its original precision before quantizing "
+            "(vLLM docs, features/quantization/fp8.md: 'you need enough memory to load the "
+            "whole model'); that transient peak needs physical GPU memory, not the budget: "
+            "vLLM measures the weights after quantization")
+    else:
+        # one decoder layer's linear weights at 16 bits next to their fp8 copy
+        peak, how = total + 2 * math.ceil(linear / max(1, shape.num_layers)), (
+            "online fp8 quantizes each layer as its weights load (they wait on the meta "
+            "device), so loading needs the fp8 model plus one layer at 16 bits, not the "
+            "whole 16-bit model")
+    notes = (f"online fp8 (vLLM --quantization {flag} on a 16-bit checkpoint): linear layers "
+             f"at 1 byte per parameter; {split_note}", how)
+    return WeightEstimate(total, peak, "online fp8 (linear layers)", "fp8", (), notes,
+                          loads_16bit_first=loads_16bit)
 
 
 def _four_bit(shape: ModelShape, quantization: str, linear: int, unquantized: int,
