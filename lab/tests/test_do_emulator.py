@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gpufleet.model import gpus as gpu_catalog
 from gpufleet_lab.do_emulator import (
     PROFILES,
     SIZES,
@@ -189,8 +190,8 @@ def test_profiles_map_to_sizes(profile, slug, gpus, image) -> None:
 def test_the_lab_size_slug_wins_over_the_profile() -> None:
     d = droplet_json(host(1, profile="h100", size="gpu-h100x8-640gb"))
     assert d["size_slug"] == "gpu-h100x8-640gb" and d["gpu_info"]["count"] == 8
-    unknown = droplet_json(host(1, profile="rtx4000ada", size="gpu-l40sx1-48gb"))
-    assert unknown["size_slug"] == "gpu-l40sx1-48gb"
+    unknown = droplet_json(host(1, profile="rtx4000ada", size="gpu-h200x1-141gb"))
+    assert unknown["size_slug"] == "gpu-h200x1-141gb"
     assert unknown["gpu_info"] == SIZES["gpu-4000adax1-20gb"].gpu_info()
 
 
@@ -250,6 +251,42 @@ def test_pagination_links_are_absolute_on_the_emulator(emulator) -> None:
     assert set(page3["links"]["pages"]) == {"first", "prev"}
     beyond = call(server, "GET", "/v2/droplets?tag_name=llama3&per_page=3&page=9")[2]
     assert beyond["droplets"] == [] and "next" not in beyond["links"]["pages"]
+
+
+def test_sizes_carry_gpu_sizes_at_the_catalogue_list_prices(emulator) -> None:
+    server = emulator([host(1)])
+    status, _, body = call(server, "GET", "/v2/sizes?per_page=200")
+    assert status == 200 and body["meta"]["total"] == len(SIZES) == len(body["sizes"])
+    by_slug = {s["slug"]: s for s in body["sizes"]}
+    # every catalogue size with a list price is there, at that price; the others are not listed
+    for size in gpu_catalog.SIZES:
+        if size.price_hourly is None:
+            assert size.slug not in by_slug
+            continue
+        entry = by_slug[size.slug]
+        assert entry["price_hourly"] == size.price_hourly
+        assert entry["price_monthly"] == round(size.price_hourly * 672, 2)
+        assert entry["gpu_info"]["count"] == size.gpu.count
+        assert entry["regions"] and entry["available"] is True
+    assert "gpu_info" not in by_slug["s-4vcpu-8gb"]
+    # a droplet's size object is its /v2/sizes entry, in the droplet's region only
+    droplet_size = call(server, "GET", "/v2/droplets/400001")[2]["droplet"]["size"]
+    assert droplet_size == {**by_slug["gpu-h100x1-80gb"], "regions": ["tor1"]}
+
+
+def test_sizes_the_account_cannot_buy_have_no_regions(emulator) -> None:
+    server = emulator([], unavailable_sizes=["gpu-h100x8-640gb"], max_per_page=3)
+    first = call(server, "GET", "/v2/sizes?per_page=200")[2]
+    assert len(first["sizes"]) == 3 and "next" in first["links"]["pages"]
+    entries = list(first["sizes"])
+    url = first["links"]["pages"]["next"]
+    while url:
+        page = call(server, "GET", url)[2]
+        entries += page["sizes"]
+        url = page["links"]["pages"].get("next")
+    h100x8 = next(s for s in entries if s["slug"] == "gpu-h100x8-640gb")
+    assert h100x8["regions"] == [] and h100x8["available"] is False
+    assert all(s["regions"] for s in entries if s["slug"] != "gpu-h100x8-640gb")
 
 
 def test_per_page_defaults_to_20_and_is_capped_at_200(emulator) -> None:

@@ -16,6 +16,7 @@ from gpufleet.clients.digitalocean import (
     DigitalOceanError,
     Droplet,
     GpuInfo,
+    Size,
     retry_after_seconds,
     union_tagged,
 )
@@ -177,6 +178,25 @@ def test_parsing_tolerates_missing_optional_fields() -> None:
     assert d.size == "s-1vcpu-1gb" and d.public_ipv4 is None and d.image_slug is None
     with pytest.raises(DigitalOceanError, match="no id/name"):
         Droplet.from_api({"name": "no-id"})
+
+
+def test_list_sizes_follows_pages_and_reads_price_and_availability(emulator) -> None:
+    server = emulator([], unavailable_sizes=["gpu-h100x8-640gb"], max_per_page=3)
+    sizes = {s.slug: s for s in client_for(server).list_sizes()}
+    assert len([p for m, p in server.state.requests if p.startswith("/v2/sizes")]) >= 3
+    h100 = sizes["gpu-h100x1-80gb"]
+    assert h100.price_hourly == 3.39 and h100.buyable and h100.regions
+    assert h100.gpu_info == GpuInfo(count=1, model="nvidia_h100", vram_amount=80, vram_unit="gib")
+    assert not sizes["gpu-h100x8-640gb"].buyable and sizes["gpu-h100x8-640gb"].regions == ()
+    assert sizes["s-4vcpu-8gb"].gpu_info is None
+
+
+def test_size_parsing_tolerates_missing_fields_but_not_a_missing_slug() -> None:
+    size = Size.from_api({"slug": "gpu-x", "price_hourly": "n/a", "regions": []})
+    assert size.price_hourly is None and size.price_monthly is None and not size.buyable
+    assert Size.from_api({"slug": "gpu-y", "price_hourly": 1.5, "regions": ["nyc2"]}).buyable
+    with pytest.raises(DigitalOceanError, match="no slug"):
+        Size.from_api({"price_hourly": 1.0})
 
 
 def test_unknown_droplet_is_a_404_error(emulator) -> None:

@@ -19,6 +19,9 @@ Endpoints (all require ``Authorization: Bearer <token>``; anything else answers 
 * ``GET  /v2/actions/{id}``
 * ``GET  /v2/droplets/{id}/snapshots``
 * ``GET  /v2/snapshots?resource_type=droplet``
+* ``GET  /v2/sizes``                    ``page``, ``per_page``: every size below, GPU sizes
+  included (the real listing has no type filter); ``regions`` empty and ``available`` false for
+  the sizes named in the ``unavailable_sizes`` option (an account that cannot buy them).
 
 Lab knobs (same token; never counted or rate limited):
 
@@ -51,6 +54,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from gpufleet.model import gpus as catalogue
 from gpufleet_lab.httpserve import base_url, serve_until_interrupted
 
 HostRecord = dict[str, Any]
@@ -89,25 +93,47 @@ class SizeSpec:
         }
 
 
+def list_price(slug: str) -> float:
+    """gpufleet's catalogue list price of a DigitalOcean size: one source for both."""
+    price = catalogue.lookup(slug).price_hourly
+    if price is None:
+        raise ValueError(f"the catalogue has no list price for {slug}")
+    return price
+
+
 SIZES: dict[str, SizeSpec] = {
     s.slug: s
     for s in (
-        # Real DigitalOcean GPU sizes (OpenAPI spec: gpu-h100x1-80gb, gpu-h100x8-640gb; the RTX
-        # 4000 Ada slug gpu-4000adax1-20gb is DigitalOcean's self-serve plan).
-        SizeSpec("gpu-h100x1-80gb", 245760, 20, 720, 3.39, "H100 GPU - 1X", 1, 80, "nvidia_h100"),
+        # Real DigitalOcean GPU sizes at the catalogue's list prices. The catalogue's sizes
+        # without a list price (H200) are left out: the lab account cannot buy them, as with a
+        # per-contract size, which /v2/sizes does not list. vCPU, RAM and disk of the L40S and
+        # RTX 6000 Ada sizes are lab values, not checked against DigitalOcean's plans.
         SizeSpec(
-            "gpu-h100x8-640gb", 1966080, 160, 2046, 23.92, "H100 GPU - 8X", 8, 80, "nvidia_h100"
+            "gpu-h100x1-80gb", 245760, 20, 720, list_price("gpu-h100x1-80gb"), "H100 GPU - 1X",
+            1, 80, "nvidia_h100",
+        ),
+        SizeSpec(
+            "gpu-h100x8-640gb", 1966080, 160, 2046, list_price("gpu-h100x8-640gb"),
+            "H100 GPU - 8X", 8, 80, "nvidia_h100",
         ),
         SizeSpec(
             "gpu-4000adax1-20gb",
             32768,
             8,
             500,
-            0.76,
+            list_price("gpu-4000adax1-20gb"),
             "RTX 4000 Ada GPU - 1X",
             1,
             20,
             "nvidia_rtx4000_ada",
+        ),
+        SizeSpec(
+            "gpu-l40sx1-48gb", 65536, 8, 500, list_price("gpu-l40sx1-48gb"), "L40S GPU - 1X",
+            1, 48, "nvidia_l40s",
+        ),
+        SizeSpec(
+            "gpu-6000adax1-48gb", 65536, 8, 500, list_price("gpu-6000adax1-48gb"),
+            "RTX 6000 Ada GPU - 1X", 1, 48, "nvidia_rtx6000_ada",
         ),
         # LAB-ONLY slugs. DigitalOcean sells H100 droplets with 1 or 8 GPUs, not 2, and no T4.
         # The lab needs a 2-GPU host (tensor parallelism = 2) and a 16 GB GPU that is too small
@@ -236,18 +262,7 @@ def droplet_json(
                     "type": kind,
                 }
             )
-    size_obj: dict[str, Any] = {
-        "slug": size.slug,
-        "memory": size.memory,
-        "vcpus": size.vcpus,
-        "disk": size.disk,
-        "transfer": 15.0 if size.gpu_count else 5.0,
-        "price_monthly": round(size.price_hourly * 672, 2),
-        "price_hourly": size.price_hourly,
-        "regions": [region],
-        "available": True,
-        "description": size.description,
-    }
+    size_obj = size_json(size, [region])
     droplet: dict[str, Any] = {
         "id": int(record["droplet_id"]),
         "name": str(record["droplet_name"]),
@@ -279,12 +294,31 @@ def droplet_json(
     }
     gpu_info = size.gpu_info()
     if gpu_info is not None:
-        size_obj["gpu_info"] = gpu_info
-        size_obj["disk_info"] = [
-            {"type": "local", "size": {"amount": size.disk, "unit": "gib"}},
-        ]
         droplet["gpu_info"] = gpu_info
     return droplet
+
+
+def size_json(size: SizeSpec, regions: Iterable[str]) -> dict[str, Any]:
+    """The API's size object (in a droplet, or an entry of ``GET /v2/sizes``): no regions and
+    ``available`` false for a size the account cannot buy."""
+    regions = sorted(regions)
+    obj: dict[str, Any] = {
+        "slug": size.slug,
+        "memory": size.memory,
+        "vcpus": size.vcpus,
+        "disk": size.disk,
+        "transfer": 15.0 if size.gpu_count else 5.0,
+        "price_monthly": round(size.price_hourly * 672, 2),
+        "price_hourly": size.price_hourly,
+        "regions": regions,
+        "available": bool(regions),
+        "description": size.description,
+    }
+    gpu_info = size.gpu_info()
+    if gpu_info is not None:
+        obj["gpu_info"] = gpu_info
+        obj["disk_info"] = [{"type": "local", "size": {"amount": size.disk, "unit": "gib"}}]
+    return obj
 
 
 def is_gpu(record: Mapping[str, Any]) -> bool:
@@ -476,6 +510,7 @@ class EmulatorState:
         action_delay: float = 0.0,
         max_per_page: int = MAX_PER_PAGE,
         tag_filter_includes_gpus: bool = True,
+        unavailable_sizes: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not token:
@@ -493,6 +528,7 @@ class EmulatorState:
         # caveat (a tag_name listing that leaves GPU droplets out).
         self.max_per_page = max_per_page
         self.tag_filter_includes_gpus = tag_filter_includes_gpus
+        self.unavailable_sizes = frozenset(unavailable_sizes)
         self.clock = clock
         self.started_at = _now_iso(clock)
         self.requests: list[tuple[str, str]] = []  # (method, path?query) - never headers
@@ -885,6 +921,13 @@ class _Handler(BaseHTTPRequestHandler):
         base = base_url(self.server)
         if method == "GET" and path == "/v2/droplets":
             return 200, self._list_droplets(base, path, query)
+        if method == "GET" and path == "/v2/sizes":
+            sizes = [
+                size_json(s, () if s.slug in state.unavailable_sizes else REGIONS)
+                for s in SIZES.values()
+            ]
+            chunk, links = paginate(sizes, base, path, query, state.max_per_page)
+            return 200, {"sizes": chunk, "links": links, "meta": {"total": len(sizes)}}
         if method == "GET" and (m := _DROPLET.match(path)):
             return 200, {"droplet": state.droplet(state.record(int(m.group(1))))}
         if m := _DROPLET_ACTIONS.match(path):

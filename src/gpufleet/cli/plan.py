@@ -12,6 +12,17 @@ With a host's fact (``--host-fact``, ``--local``) the image is also checked agai
 driver, as the deploy checks it (``gpufleet.model.image_cuda``).
 Exit status: 0 when every plan fits (``fits`` or ``fragile``), 3 when one is refused, a host
 has no usable GPU or its driver cannot run the image, 2 for bad input.
+
+    gpufleet plan deploys/llama3.yaml --gpu all --quantization fp16,fp8 --offline
+
+``--gpu all`` plans every DigitalOcean GPU size of the catalogue, one row per size: the first of
+the quantizations (in the order given) that fits, else the first fragile one, else the first;
+sizes that fit first, cheapest first, then the refused ones. Prices per hour: the catalogue's
+list prices, or, when ``DIGITALOCEAN_TOKEN`` (or ``DIGITALOCEAN_ACCESS_TOKEN``) is set and not
+``--offline``, ``price_hourly`` and availability from ``GET /v2/sizes`` at
+``DIGITALOCEAN_API_URL`` (default the real API); the output says which. Its exit status: 0 when
+at least one size fits and the account is not known to be unable to buy it, 3 when none does,
+2 for bad input.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import Any
 import yaml
 from pyinfra.api.exceptions import PyinfraError
 
+from gpufleet.cli import plan_sizes
 from gpufleet.cli.data import parse_data
 from gpufleet.model import gpus as gpu_catalog
 from gpufleet.model import image_cuda
@@ -57,8 +69,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("spec", type=Path, nargs="?", default=Path("deploys/llama3.yaml"))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--gpu", metavar="NAME",
-                        help="a DigitalOcean GPU size or alias: "
-                             + ", ".join(gpu_catalog.names()))
+                        help=f"a DigitalOcean GPU size or alias, or {plan_sizes.ALL!r} for every "
+                             "size side by side with its price: " + ", ".join(gpu_catalog.names()))
     source.add_argument("--gpus-json", type=Path, metavar="FILE",
                         help="JSON list of GPUs (name, memory_mib, compute_capability[, count])")
     source.add_argument("--host-fact", type=Path, metavar="FILE",
@@ -74,7 +86,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model-shape", type=Path, metavar="FILE",
                         help="JSON of ModelShape.to_json(); skips the Hub")
     parser.add_argument("--offline", action="store_true",
-                        help="do not ask the Hub: --model-shape or the built-in shapes")
+                        help="do not ask the Hub (--model-shape or the built-in shapes) nor, "
+                             "with --gpu all, the DigitalOcean API (catalogue list prices)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.set_defaults(func=cmd_plan)
     return parser
@@ -212,9 +225,19 @@ def driver_line(verdict: image_cuda.DriverVerdict, driver: str | None) -> str:
         f"image: {verdict.image} runs on driver {driver}"
 
 
-def make_plans(args: argparse.Namespace, environ: Mapping[str, str],
-               facts: dict[str, Any] | None = None,
-               ) -> tuple[ServiceSpec, ModelShape, str, dict[str, list[Plan] | str]]:
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What every plan of one ``gpufleet plan`` run shares."""
+
+    spec: ServiceSpec
+    quantizations: list[str]
+    util: float | None
+    shape: ModelShape
+    shape_source: str
+
+
+def make_request(args: argparse.Namespace, environ: Mapping[str, str]) -> Request:
+    """The spec (with ``--data``), the quantizations to compare and the model's shape."""
     overrides: dict[str, Any] = parse_data(args.data)
     # gpu_memory_utilization goes to the planner unvalidated, so that 1.0 is refused *with
     # numbers* rather than by the spec validator
@@ -233,18 +256,46 @@ def make_plans(args: argparse.Namespace, environ: Mapping[str, str],
             raise PlanInputError(f"--quantization {q!r}: must be one of "
                                  + ", ".join(QUANTIZATION_FLAGS))
     shape, shape_source = resolve_shape(spec, args.model_shape, args.offline, environ)
+    return Request(spec, quantizations, util, shape, shape_source)
+
+
+def make_plans(args: argparse.Namespace, environ: Mapping[str, str],
+               facts: dict[str, Any] | None = None,
+               ) -> tuple[ServiceSpec, ModelShape, str, dict[str, list[Plan] | str]]:
+    req = make_request(args, environ)
     result: dict[str, list[Plan] | str] = {}
     for host, gpus in gpu_sources(args, facts).items():
         if isinstance(gpus, str):
             result[host] = gpus
             continue
-        result[host] = [plan_for_spec(spec, shape, gpus, quantization=q,
-                                      gpu_memory_utilization=util, label=q)
-                        for q in quantizations]
-    return spec, shape, shape_source, result
+        result[host] = [plan_for_spec(req.spec, req.shape, gpus, quantization=q,
+                                      gpu_memory_utilization=req.util, label=q)
+                        for q in req.quantizations]
+    return req.spec, req.shape, req.shape_source, result
+
+
+def cmd_plan_all(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``--gpu all``: every catalogue size, one row each (see the module docstring)."""
+    req = make_request(args, environ)
+    plans = {size.slug: [plan_for_spec(req.spec, req.shape, [size.gpu], quantization=q,
+                                       gpu_memory_utilization=req.util, label=q)
+                         for q in req.quantizations]
+             for size in gpu_catalog.SIZES}
+    report = plan_sizes.compare(plans, plan_sizes.gather_offers(environ, offline=args.offline))
+    header = {"spec": str(args.spec), "model": req.shape.model, "revision": req.spec.revision,
+              "commit": req.shape.commit, "shape_source": req.shape_source}
+    if args.json:
+        print(json.dumps({**header, "shape": req.shape.to_json(), **report.to_json()}, indent=2))
+    else:
+        print(f"{args.spec}: {req.spec.model} (revision {req.spec.revision}; shape from "
+              f"{req.shape_source})")
+        print(report.render())
+    return EXIT_OK if report.ok else EXIT_REFUSED
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if plan_sizes.is_all(args.gpu):
+        return cmd_plan_all(args, os.environ)
     facts = None if args.gpu or args.gpus_json else host_facts(args)
     spec, shape, shape_source, result = make_plans(args, os.environ, facts)
     drivers = driver_verdicts(spec, facts)

@@ -1,6 +1,6 @@
 """A thin DigitalOcean API client on the standard library (urllib), for the few calls we need.
 
-Droplets by tag (with the GPU caveat handled), droplet actions (rebuild, power_cycle, reboot,
+Droplets by tag (with the GPU caveat handled), droplet sizes with their prices, droplet actions (rebuild, power_cycle, reboot,
 snapshot, ...) and their polling, and droplet snapshots. Rate limits (429) are waited out using
 ``Retry-After`` / ``ratelimit-reset``; server errors are retried a bounded number of times;
 every other failure raises ``DigitalOceanError`` with the HTTP status and the API's
@@ -191,6 +191,47 @@ class Snapshot:
         )
 
 
+@dataclass(frozen=True)
+class Size:
+    """One entry of ``GET /v2/sizes``: a plan, its list price and where it can be bought."""
+
+    slug: str
+    price_hourly: float | None
+    price_monthly: float | None
+    regions: tuple[str, ...]
+    available: bool
+    gpu_info: GpuInfo | None = None
+
+    @property
+    def buyable(self) -> bool:
+        """The account can create droplets of this size: the API lists no region otherwise."""
+        return self.available and bool(self.regions)
+
+    @classmethod
+    def from_api(cls, data: Mapping[str, Any]) -> Size:
+        slug = data.get("slug")
+        if not isinstance(slug, str) or not slug:
+            raise DigitalOceanError("unexpected size object from the API (no slug)")
+        gpu = data.get("gpu_info")
+        return cls(
+            slug=slug,
+            price_hourly=_float_or_none(data.get("price_hourly")),
+            price_monthly=_float_or_none(data.get("price_monthly")),
+            regions=tuple(str(r) for r in data.get("regions") or ()),
+            available=bool(data.get("available", True)),
+            gpu_info=GpuInfo.from_api(gpu) if isinstance(gpu, Mapping) else None,
+        )
+
+
+def _float_or_none(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _int_or_none(value: Any) -> int | None:
     try:
         return int(value)
@@ -319,6 +360,12 @@ class DigitalOceanClient:
 
     def get_droplet(self, droplet_id: int) -> Droplet:
         return Droplet.from_api(self._get_object(f"/v2/droplets/{int(droplet_id)}", "droplet"))
+
+    # -- sizes ------------------------------------------------------------------------------
+
+    def list_sizes(self) -> list[Size]:
+        """Every size of ``GET /v2/sizes`` (GPU sizes included: the listing has no type filter)."""
+        return [Size.from_api(s) for s in self._list("/v2/sizes", "sizes", {})]
 
     # -- actions ----------------------------------------------------------------------------
 

@@ -18,6 +18,14 @@ Sources, each number with its evidence: ``docs/evidence/gpu-catalogue.md``.
   output quoted in public reports; their reserves (606 and 582 MiB) are derived from vLLM
   start-up logs that print the CUDA-visible total (139.81 and 44.42 GiB). RTX 6000 Ada
   49140 MiB: public ``nvidia-smi`` output.
+
+List prices (``price_hourly``, USD per hour for the whole droplet) are DigitalOcean's own Droplet
+pricing page, docs.digitalocean.com/products/droplets/details/pricing/: H100 $3.39, H100 (8x)
+$23.92 and L40S $1.57 from its revision validated 2026-05-28; RTX 4000 $0.76 and RTX 6000 $1.89
+from its revision validated 2025-04-22 (the 2026 text we could read stops before those two rows).
+No DigitalOcean page we could read gives an H200 price: ``None``, shown as unknown, never guessed.
+``GET /v2/sizes`` (``price_hourly``, and ``regions`` empty when the account cannot buy the size)
+is the authority; ``gpufleet plan --gpu all`` uses it when a token is set.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ class DropletSize:
     gpu: Gpu
     official: bool                  # True: in DigitalOcean's OpenAPI spec; False: third-party only
     aliases: tuple[str, ...] = ()
+    price_hourly: float | None = None  # USD per hour, DigitalOcean's list price; None: unknown
 
 
 H100 = Gpu("NVIDIA H100 80GB HBM3", 81559, "9.0", reserved_mib=480)
@@ -59,16 +68,17 @@ RTX_4000_ADA = Gpu("NVIDIA RTX 4000 Ada Generation", 20475, "8.9")
 RTX_6000_ADA = Gpu("NVIDIA RTX 6000 Ada Generation", 49140, "8.9")
 
 SIZES: tuple[DropletSize, ...] = (
-    DropletSize("gpu-h100x1-80gb", H100, True, ("h100", "h100x1")),
-    DropletSize("gpu-h100x8-640gb", replace(H100, count=8), True, ("h100x8",)),
+    DropletSize("gpu-h100x1-80gb", H100, True, ("h100", "h100x1"), 3.39),
+    DropletSize("gpu-h100x8-640gb", replace(H100, count=8), True, ("h100x8",), 23.92),
     DropletSize("gpu-h200x1-141gb", H200, False, ("h200", "h200x1")),
     DropletSize("gpu-h200x8-1128gb", replace(H200, count=8), False, ("h200x8",)),
-    DropletSize("gpu-l40sx1-48gb", L40S, False, ("l40s", "l40sx1")),
+    DropletSize("gpu-l40sx1-48gb", L40S, False, ("l40s", "l40sx1"), 1.57),
     DropletSize("gpu-4000adax1-20gb", RTX_4000_ADA, False,
-                ("rtx4000ada", "rtx4000", "4000ada", "rtx4000adax1")),
+                ("rtx4000ada", "rtx4000", "4000ada", "rtx4000adax1"), 0.76),
     DropletSize("gpu-6000adax1-48gb", RTX_6000_ADA, False,
-                ("rtx6000ada", "rtx6000", "6000ada", "rtx6000adax1")),
+                ("rtx6000ada", "rtx6000", "6000ada", "rtx6000adax1"), 1.89),
 )
+PRICE_SOURCE = "list prices in gpufleet's catalogue (DigitalOcean's Droplet pricing page)"
 
 
 def _key(name: str) -> str:

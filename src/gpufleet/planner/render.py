@@ -1,10 +1,11 @@
-"""Plans side by side as text: what ``gpufleet plan`` prints."""
+"""Plans side by side as text: what ``gpufleet plan`` prints (``--gpu all``: one row per size)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from gpufleet.planner.plan import Plan
+from gpufleet.planner.sizes import SizeRow, reason
 from gpufleet.planner.units import gib
 from gpufleet.planner.verdict import REFUSED
 
@@ -130,3 +131,33 @@ def _findings(plans: Sequence[Plan]) -> list[str]:
         out.extend(f"  ! {w}" for w in p.warnings)
         out.extend(f"  - {n}" for n in p.notes)
     return out
+
+
+# -- --gpu all: one row per size ---------------------------------------------------------------
+
+SIZE_COLUMNS = ("size", "GPUs", "$/hour", "available", "verdict", "quant", "tp", "KV tokens",
+                "concurrency", "why")
+
+
+def price_text(price: float | None) -> str:
+    return "?" if price is None else f"${price:,.2f}"
+
+
+def _size_cells(row: SizeRow) -> tuple[str, ...]:
+    p = row.plan
+    return (row.size.slug, f"{p.gpu_count} x {p.memory_mib / 1024:.1f} GiB",
+            price_text(row.offer.price_hourly), row.offer.availability or "?",
+            p.verdict.upper() if p.verdict == REFUSED else p.verdict, p.quantization,
+            str(p.tensor_parallel_size), f"{p.kv_cache_tokens:,}",
+            f"{p.max_concurrency:.2f} x {p.max_model_len:,}", reason(p))
+
+
+def render_sizes(rows: Sequence[SizeRow]) -> str:
+    """The sizes in their order, one line each, in aligned columns (the last one unpadded)."""
+    table = [SIZE_COLUMNS, *(_size_cells(r) for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(SIZE_COLUMNS) - 1)]
+    out = []
+    for line in table:
+        out.append("  ".join([*(c.ljust(w) for c, w in zip(line, widths, strict=False)),
+                              line[-1]]).rstrip())
+    return "\n".join(out)
