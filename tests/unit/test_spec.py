@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.model.spec import SpecError, build_spec, load_spec
-from gpufleet.model.vllm_version import image_version
+from gpufleet.model.vllm_version import PINNED_IMAGE, image_version
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = {"service": "llama3", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
@@ -16,6 +16,8 @@ def test_shipped_llama3_spec_is_valid():
     spec = load_spec(ROOT / "deploys" / "llama3.yaml")
     assert spec.service == "llama3"
     assert image_version(spec.image) is not None     # a release tag (which one moves)
+    # the shipped spec runs the release the lab tests end to end (vllm_version.PINNED_IMAGE)
+    assert spec.image == PINNED_IMAGE
     assert spec.unit_name == "gpufleet-llama3.service"
     assert spec.env_file == "/etc/gpufleet/llama3.env"
 
