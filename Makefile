@@ -56,7 +56,7 @@ lowest:
 	$(LOWEST)/bin/pip install -q uv
 	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
 	  -e '.[dev]' -e ./lab
-	$(LOWEST)/bin/pytest -m "not lab" -q
+	$(LOWEST)/bin/pytest -m "not lab and not realvllm" -q
 
 bench: venv
 	$(BIN)/python bench/lab_bench.py

@@ -136,7 +136,8 @@ def test_image_info_round_trips(image: ImageInfo) -> None:
 
 
 @pytest.mark.parametrize(("tag", "version"), [("v0.11.0", "0.11.0"), ("v0.10.1.post1", "0.10.1"),
-                                              ("latest", "0.32.0"), ("0.9.2", "0.9.2")])
+                                              ("latest", "0.32.0"), ("0.9.2", "0.9.2"),
+                                              ("v0.32.0-cu129", "0.32.0")])
 def test_version_for_tag(tag: str, version: str) -> None:
     assert images.version_for_tag(tag).startswith(version)
 

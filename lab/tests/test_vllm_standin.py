@@ -1,7 +1,8 @@
 """Tests of the `vllm serve` stand-in (lab/src/gpufleet_lab/vllm_standin.py).
 
 The server runs as a real subprocess (signals, exit codes, stdout logs) on 127.0.0.1 with a
-kernel-chosen port, read back from its "Starting vLLM API server" log line.
+kernel-chosen port, read back from its "Starting vLLM server on" log line. What it shares with
+the real vLLM is checked against the real server in test_vllm_contract.py.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from typing import Any
 
 import pytest
 
+from gpufleet.model.vllm_version import PINNED_VERSION
 from gpufleet_lab import vllm_standin as v
 
 STANDIN = Path(v.__file__)
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 KEY = "lab-secret"
-READY = re.compile(r"Starting vLLM API server 0 on http://([\d.]+):(\d+)")
+READY = re.compile(r"Starting vLLM server on http://([\d.]+):(\d+)")
 
 
 class Standin:
@@ -101,9 +103,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Standin]:
         "serve", "--model", MODEL, "--host", "127.0.0.1", "--port", "0",
         "--served-model-name", "llama3", "--api-key", KEY, "--max-num-seqs", "4",
         "--gpu-memory-utilization", "0.9", "--enable-prefix-caching"])
-    s.wait_ready()
-    yield s
-    assert s.stop() == 0
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        assert s.stop() == 0
 
 
 @pytest.fixture()
@@ -131,17 +135,20 @@ def test_unknown_flag_is_rejected_like_vllm() -> None:
     proc = cli("serve", "--model", MODEL, "--max-num-sequence", "8")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[0] == ("usage: vllm [-h] [-v] {chat,complete,serve,bench,collect-env,run-batch}"
-                        " ...")
+    assert lines[0].startswith("usage: vllm [-h] [-v]")
+    assert "{chat,complete,serve,launch,bench,collect-env,download-kernels,preload,run-batch," \
+        "snapshot}" in proc.stderr
     assert lines[-1] == "vllm: error: unrecognized arguments: --max-num-sequence 8"
     assert proc.stdout == ""
 
 
-def test_abbreviations_are_not_accepted() -> None:
-    # allow_abbrev=False: "--max-num-seq" is not silently taken for --max-num-seqs
-    proc = cli("serve", MODEL, "--max-num-seq", "8")
+def test_unambiguous_abbreviations_are_taken_like_vllm() -> None:
+    # vLLM 0.32's serve parser takes "--max-num-seq" for --max-num-seqs (argparse's default)
+    ns, _ = v.parse_cli(["serve", MODEL, "--max-num-seq", "8"])
+    assert ns.max_num_seqs == 8
+    proc = cli("serve", MODEL, "--max-num", "8")
     assert proc.returncode == 2
-    assert "unrecognized arguments: --max-num-seq 8" in proc.stderr
+    assert "vllm serve: error: ambiguous option: --max-num could match" in proc.stderr
 
 
 def test_invalid_choice_is_reported_by_the_serve_parser() -> None:
@@ -161,7 +168,7 @@ def test_double_serve_is_an_error_like_in_docker_issue_reports() -> None:
 
 def test_version_flag() -> None:
     proc = cli("--version")
-    assert proc.returncode == 0 and proc.stdout.strip() == "0.11.0"
+    assert proc.returncode == 0 and proc.stdout.strip() == str(PINNED_VERSION)
     proc = subprocess.run([sys.executable, str(STANDIN), "--version"], capture_output=True,
                           text=True, env={**os.environ, "VLLM_STANDIN_VERSION": "0.10.2"})
     assert proc.stdout.strip() == "0.10.2"
@@ -228,9 +235,9 @@ def test_health_is_open_and_empty(server: Standin) -> None:
 
 def test_metrics_and_version_are_open(server: Standin) -> None:
     status, headers, body = server.request("GET", "/metrics", key=None)
-    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=1.0.0")
     status, _, body = server.request("GET", "/version", key=None)
-    assert status == 200 and json.loads(body) == {"version": "0.11.0"}
+    assert status == 200 and json.loads(body) == {"version": str(PINNED_VERSION)}
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])
@@ -268,6 +275,7 @@ def test_chat_completion(server: Standin) -> None:
     assert status == 200 and headers["content-type"] == "application/json"
     data = json.loads(body)
     assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
+    assert data["system_fingerprint"].startswith(f"vllm-{PINNED_VERSION}-")
     assert data["model"] == "llama3"
     choice = data["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
@@ -329,15 +337,15 @@ def test_metrics_have_vllm_names_and_count_requests(server: Standin) -> None:
     server.request("POST", "/v1/completions", {"prompt": "one two three", "max_tokens": 2})
     status, _, body = server.request("GET", "/metrics", key=None)
     text = body.decode()
-    lab = 'model_name="llama3",engine="0"'
+    lab = 'engine="0",model_name="llama3"'
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
                  "vllm:kv_cache_usage_perc"):
         assert f"# TYPE {name} gauge" in text and f"{name}{{{lab}}} " in text
     for name in ("vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success"):
-        assert f"# TYPE {name} counter" in text
+        assert f"# TYPE {name}_total counter" in text and f"# TYPE {name}_created gauge" in text
     for name in ("vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds"):
         assert f"# TYPE {name} histogram" in text
-        assert f'{name}_bucket{{{lab},le="+Inf"}}' in text
+        assert f'{name}_bucket{{engine="0",le="+Inf",model_name="llama3"}}' in text
         assert f"{name}_count{{{lab}}}" in text and f"{name}_sum{{{lab}}}" in text
 
     def value(prefix: str) -> float:
@@ -346,7 +354,8 @@ def test_metrics_have_vllm_names_and_count_requests(server: Standin) -> None:
 
     assert value(f"vllm:prompt_tokens_total{{{lab}}}") >= 3
     assert value(f"vllm:generation_tokens_total{{{lab}}}") >= 2
-    assert value(f'vllm:request_success_total{{{lab},finished_reason="length"}}') >= 1
+    assert value('vllm:request_success_total{engine="0",finished_reason="length",'
+                 'model_name="llama3"}') >= 1
     assert value(f"vllm:num_requests_running{{{lab}}}") == 0
 
 
@@ -354,8 +363,13 @@ def test_api_errors(server: Standin) -> None:
     status, _, body = server.request("POST", "/v1/completions", {"model": "gpt-4", "prompt": "x"})
     err = json.loads(body)["error"]
     assert status == 404 and err["type"] == "NotFoundError" and "gpt-4" in err["message"]
+    assert err["message"].endswith("Valid aliases: llama3.")
     status, _, body = server.request("POST", "/v1/completions",
                                      {"model": "llama3", "prompt": "x", "max_tokens": 9000})
+    assert status == 400 and "max_tokens=9000 cannot be greater than max_model_len=8192" in \
+        json.loads(body)["error"]["message"]
+    status, _, body = server.request("POST", "/v1/completions",
+                                     {"model": "llama3", "prompt": "x " * 8000, "max_tokens": 500})
     assert status == 400 and "maximum context length is 8192" in json.loads(body)["error"][
         "message"]
     status, _, _ = server.request("POST", "/v1/chat/completions", b"{not json")
@@ -364,7 +378,7 @@ def test_api_errors(server: Standin) -> None:
                                   {"prompt": "x", "stream": True, "stream_options": "yes"})
     assert status == 400
     status, _, body = server.request("POST", "/v1/chat/completions", {"messages": []})
-    assert status == 400 and json.loads(body)["error"]["param"] == "messages"
+    assert status == 400 and "empty conversation" in json.loads(body)["error"]["message"]
     status, _, body = server.request("GET", "/v1/nope")
     assert (status, json.loads(body)) == (404, {"detail": "Not Found"})
     status, headers, _ = server.request("GET", "/v1/chat/completions")
@@ -399,7 +413,7 @@ def test_port_is_closed_during_cold_start(run: Any) -> None:
     assert s.request("GET", "/health")[0] == 200
     out = s.output()
     assert "Starting to load model " + MODEL in out and "Loading weights took" in out
-    assert out.index("Loading weights") < out.index("Starting vLLM API server")
+    assert out.index("Loading weights") < out.index("Starting vLLM server on")
 
 
 def test_vllm_api_key_from_environment(run: Any) -> None:
@@ -448,6 +462,7 @@ def test_fail_oom(run: Any) -> None:
     assert s.wait_exit() == 1
     out = s.output()
     assert "ValueError: Free memory on device" in out
+    assert "Free memory on device cuda:0 (" in out
     assert "desired GPU memory utilization (0.95, 75.23 GiB)" in out
     assert "CUDA out of memory" in out
 
@@ -509,8 +524,43 @@ def test_port_in_use_fails(run: Any) -> None:
 def test_logs_look_like_vllm(server: Standin) -> None:
     out = server.output()
     assert "gpufleet lab STAND-IN" in out
-    assert "vLLM API server version 0.11.0" in out
-    assert "non-default args: {'model_tag': " in out
-    assert re.search(r"\(APIServer pid=\d+\) INFO \d\d-\d\d \d\d:\d\d:\d\d \[api_server\.py:\d+\] "
-                     r"Starting vLLM API server 0 on http://127\.0\.0\.1:\d+", out)
-    assert "Application startup complete." in out
+    assert f"█ ▀▄▀ █  version {PINNED_VERSION}" in out
+    assert "non-default args: {'model_tag': " in out and "'api_key': '***'" in out
+    assert KEY not in out
+    assert re.search(r"\(APIServer pid=\d+\) INFO \d\d-\d\d \d\d:\d\d:\d\d \[entry\.py:\d+\] "
+                     r"Starting vLLM server on http://127\.0\.0\.1:\d+", out)
+    assert "\nINFO:     Application startup complete.\n" in out
+
+
+def test_invocations_serves_without_a_key_like_vllm(server: Standin) -> None:
+    # vLLM 0.32 guards only /v1, /v2, /inference and /cohere: SageMaker's route runs inference
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    status, _, body = server.request("POST", "/invocations", chat, key=None)
+    assert status == 200 and json.loads(body)["object"] == "chat.completion"
+    status, _, body = server.request("POST", "/invocations", {"prompt": "hi", "max_tokens": 2},
+                                     key=None)
+    assert status == 200 and json.loads(body)["object"] == "text_completion"
+    for path in ("/v2/x", "/inference/v1/generate", "/cohere/x"):
+        assert server.request("POST", path, {}, key=None)[0] == 401
+    assert server.request("POST", "/inference/v1/generate", {})[0] == 403
+
+
+def test_routes_match_like_starlette() -> None:
+    assert v.find_route("/v1/responses/render", "POST") == (("GET", "POST"), "scale_out_disabled")
+    assert v.find_route("/v1/responses/resp_1", "GET") == (("GET",), "response_not_found")
+    assert v.find_route("/v1/responses/resp_1", "POST") == (("GET",), None)
+    assert v.find_route("/ping", "POST") == (("GET", "POST"), "health")
+    assert v.find_route("/nope", "GET") is None
+
+
+def test_killing_the_engine_core_ends_the_server_with_status_zero(run: Any) -> None:
+    s = run(["serve", MODEL, "--host", "127.0.0.1", "--port", "0"])
+    s.wait_ready()
+    children = Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()
+    core = next(int(c) for c in children
+                if Path(f"/proc/{c}/comm").read_text().strip() == "VLLM::EngineCor")
+    os.kill(core, signal.SIGKILL)
+    time.sleep(0.5)
+    assert s.request("GET", "/health")[0] == 503
+    assert s.wait_exit(10) == 0
+    assert "EngineDeadError" in s.output()

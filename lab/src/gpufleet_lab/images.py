@@ -273,8 +273,9 @@ def assemble_image(blobs_dir: Path, layer: dict[str, Any], *, repository: str = 
 
 
 def version_for_tag(tag: str) -> str:
-    """``v0.11.0`` -> ``0.11.0``; tags that are not versions (``latest``) report the pinned one."""
-    m = re.fullmatch(r"v?(\d+\.\d+\.\d+(?:\.post\d+|rc\d+)?)", tag)
+    """``v0.32.0`` and the CUDA 12.9 build's ``v0.32.0-cu129`` -> ``0.32.0``; tags that are not
+    versions (``latest``) report the pinned one."""
+    m = re.fullmatch(r"v?(\d+\.\d+\.\d+(?:\.post\d+|rc\d+)?)(?:-[\w.]+)?", tag)
     return m.group(1) if m else DEFAULT_TAG.lstrip("v")
 
 

@@ -73,9 +73,7 @@ ENV = (
     "LANG=C.UTF-8",
     "PYTHONUNBUFFERED=1",
     "VLLM_USAGE_SOURCE=production-docker-image",
-    "VLLM_NO_USAGE_STATS=1",
-    "DO_NOT_TRACK=1",
-    "HF_HUB_DISABLE_TELEMETRY=1",
+    *(f"{k}={v}" for k, v in realvllm.NO_TELEMETRY.items()),
     "VLLM_CPU_KVCACHE_SPACE=1",
 )
 STRIP_PATHS = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",

