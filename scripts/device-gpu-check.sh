@@ -5,9 +5,9 @@
 set -uo pipefail
 if [ -d .whl ] && [ -z "${GPUFLEET_NO_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
 else
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD/src
 fi
 run() { echo "\$ $*"; "$@"; }
 PY=$(command -v python3)
@@ -26,6 +26,15 @@ if pyinfra -y @local gpufleet.operations.nvidia.gpus_verified count=16 host_name
 echo "== verification that must fail: more memory than a GPU has"
 if pyinfra -y @local gpufleet.operations.nvidia.gpus_verified memory_mib=200000 host_name=device 2>&1 | tail -n 12; then
   echo "UNEXPECTED: passed"; fail=1; fi
+echo "== the image's CUDA build against this machine's driver (gpufleet.model.image_cuda)"
+gpufleet() { "$PY" -c 'import sys; from gpufleet.cli.main import main; sys.argv[0]="gpufleet"; sys.exit(main())' "$@"; }
+gpufleet plan deploys/llama3.yaml --local --offline 2>&1 | grep -E "^(== |image|GPUs|vLLM|verdict|KV cache /)" || fail=1
+driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)
+for image in vllm/vllm-openai:v0.32.0 vllm/vllm-openai:v0.32.0-cu129 vllm/vllm-openai:v0.11.0; do
+  "$PY" -c 'import sys; from gpufleet.model.image_cuda import driver_verdict as v
+r = v(sys.argv[1], sys.argv[2]); print(sys.argv[1], "on driver", sys.argv[2], "->", r.problem or "runs")' \
+    "$image" "$driver"
+done
 echo "== without nvidia-smi on PATH (a VM without the driver)"
 mkdir -p /tmp/nodriver-bin && for b in sh env cat echo printf; do ln -sf "$(command -v $b)" /tmp/nodriver-bin/; done
 if PATH=/tmp/nodriver-bin pyinfra -y @local gpufleet.operations.nvidia.gpus_verified host_name=device 2>&1 | tail -n 12; then

@@ -113,6 +113,9 @@ def test_flags_gone_since_v0_11_are_refused(args, hint):
     problem = vllm_flags.check_extra_args(args)
     assert problem is not None and f"unknown vLLM flag {args[0]}" in problem
     assert (hint is None and "did you mean" not in problem) or f"did you mean {hint}?" in problem
+    if args[0] == "--kv-cache-memory":  # vLLM (and the stand-in) take it as an abbreviation
+        assert vllm_standin.parse_cli(["serve", "m", *args])[0].kv_cache_memory_bytes
+        return
     with pytest.raises(SystemExit):
         vllm_standin.parse_cli(["serve", "m", *args])
 

@@ -77,14 +77,18 @@ def restarts(unit: str) -> int:
     return int(out) if out.isdigit() else 0
 
 
+def journal_logs(unit: str, lines: int = 40) -> str:
+    out = subprocess.run(["journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat"],
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def container_logs(container: str, unit: str, lines: int = 40) -> str:
     out = subprocess.run(["docker", "logs", "--tail", str(lines), container],
                          capture_output=True, text=True)
     text = (out.stdout + out.stderr).strip()
     if out.returncode != 0 or not text:
-        out = subprocess.run(["journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat"],
-                             capture_output=True, text=True)
-        text = out.stdout.strip()
+        text = journal_logs(unit, lines)
     return text or "(no log lines)"
 
 
@@ -118,9 +122,11 @@ def main() -> int:
         if status == 200:
             break
         if restarts(a.unit) - first_restarts >= 2:
+            # the journal, not the container: systemd has already started a new container, whose
+            # log holds none of the failed start's lines
             print(f"vLLM keeps crashing: {a.unit} restarted {restarts(a.unit) - first_restarts} "
                   f"times while waiting for /health. Last log lines of {a.container}:\n"
-                  f"{container_logs(a.container, a.unit)}", file=sys.stderr)
+                  f"{journal_logs(a.unit) or '(no log lines)'}", file=sys.stderr)
             return 1
         time.sleep(2)
     waited = time.monotonic() - start

@@ -545,21 +545,7 @@ def _validate(spec: ServiceSpec, source: str) -> None:
     if not _valid_revision(spec.revision):
         fail("revision", f"must be a branch, tag or commit of the model repo (letters, digits, "
                          f"'.', '_', '-', '/'; no '..'), got {_show(spec.revision)}")
-    _validate_image(spec.image, source)
-    if spec.image_cuda not in image_cuda.MODES:
-        fail("image_cuda", f"must be one of {', '.join(image_cuda.MODES)}, got "
-                           f"{_show(spec.image_cuda)}")
-    if spec.image_cuda == image_cuda.MATCH_DRIVER and image_cuda.image_build(spec.image) is None:
-        fail("image_cuda", f"match_driver needs a {image_cuda.REPOSITORY} version tag (such as "
-                           f"{PINNED_IMAGE!r}) to pick each host's CUDA build, and image "
-                           f"{spec.image!r} has none: pin such a tag or set image_cuda: pinned")
-    if spec.quantization not in QUANTIZATION_FLAGS:
-        fail("quantization", f"must be one of {', '.join(QUANTIZATION_FLAGS)}, got "
-                             f"{_show(spec.quantization)}"
-                             f"{_suggest(spec.quantization, tuple(QUANTIZATION_FLAGS))}")
-    if spec.kv_cache_dtype not in KV_CACHE_DTYPES:
-        fail("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                               f"got {_show(spec.kv_cache_dtype)}")
+    _validate_image_and_engine(spec, source, fail)
     if not 1 <= spec.port <= 65535:
         fail("port", f"must be between 1 and 65535, got {spec.port}")
     if spec.port == 22:
@@ -571,14 +557,6 @@ def _validate(spec: ServiceSpec, source: str) -> None:
     if address is None or "%" in spec.bind_address or str(address) != spec.bind_address:
         fail("bind_address", f"must be an IP address such as 0.0.0.0 or 127.0.0.1, "
                              f"got {_show(spec.bind_address)}")
-    if spec.gpu_memory_utilization is not None and not 0.0 < spec.gpu_memory_utilization < 1.0:
-        fail("gpu_memory_utilization",
-             f"must be strictly between 0 and 1, got {spec.gpu_memory_utilization:g} "
-             "(vLLM pre-allocates this share of each GPU; 1.0 leaves nothing for the CUDA "
-             "context and fails at start; leave it unset for vLLM's default)")
-    if spec.kv_cache_memory not in KV_CACHE_MEMORY:
-        fail("kv_cache_memory", f"must be one of {', '.join(KV_CACHE_MEMORY)}, got "
-                                f"{_show(spec.kv_cache_memory)}")
     for key in ("max_model_len", "max_num_seqs", "tensor_parallel_size"):
         value = getattr(spec, key)
         if value is not None and value < 1:
@@ -615,6 +593,33 @@ def _validate(spec: ServiceSpec, source: str) -> None:
     problem = vllm_flags.check_extra_args(spec.extra_args)
     if problem:
         fail("extra_args", problem)
+
+
+def _validate_image_and_engine(spec: ServiceSpec, source: str, fail: Any) -> None:
+    """The image, its CUDA build choice and the engine's memory and precision settings."""
+    _validate_image(spec.image, source)
+    if spec.image_cuda not in image_cuda.MODES:
+        fail("image_cuda", f"must be one of {', '.join(image_cuda.MODES)}, got "
+                           f"{_show(spec.image_cuda)}")
+    if spec.image_cuda == image_cuda.MATCH_DRIVER and image_cuda.image_build(spec.image) is None:
+        fail("image_cuda", f"match_driver needs a {image_cuda.REPOSITORY} version tag (such as "
+                           f"{PINNED_IMAGE!r}) to pick each host's CUDA build, and image "
+                           f"{spec.image!r} has none: pin such a tag or set image_cuda: pinned")
+    if spec.quantization not in QUANTIZATION_FLAGS:
+        fail("quantization", f"must be one of {', '.join(QUANTIZATION_FLAGS)}, got "
+                             f"{_show(spec.quantization)}"
+                             f"{_suggest(spec.quantization, tuple(QUANTIZATION_FLAGS))}")
+    if spec.kv_cache_dtype not in KV_CACHE_DTYPES:
+        fail("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                               f"got {_show(spec.kv_cache_dtype)}")
+    if spec.gpu_memory_utilization is not None and not 0.0 < spec.gpu_memory_utilization < 1.0:
+        fail("gpu_memory_utilization",
+             f"must be strictly between 0 and 1, got {spec.gpu_memory_utilization:g} "
+             "(vLLM pre-allocates this share of each GPU; 1.0 leaves nothing for the CUDA "
+             "context and fails at start; leave it unset for vLLM's default)")
+    if spec.kv_cache_memory not in KV_CACHE_MEMORY:
+        fail("kv_cache_memory", f"must be one of {', '.join(KV_CACHE_MEMORY)}, got "
+                                f"{_show(spec.kv_cache_memory)}")
 
 
 def _validate_container_env(env: tuple[tuple[str, str], ...], fail: Any) -> None:
