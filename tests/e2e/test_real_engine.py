@@ -86,7 +86,10 @@ def test_the_real_server_starts_offline_from_the_staged_weights(lab, deployed):
     assert "HF_HUB_OFFLINE=1" in json.loads(env)
     logs = lab.ssh(H100, f"docker logs {UNIT} 2>&1").stdout
     init = next(ln for ln in logs.splitlines() if "Initializing a V1 LLM engine" in ln)
-    assert f"(v{PINNED_VERSION})" in init and "model='meta-llama/Meta-Llama-3-8B-Instruct'" in init
+    # offline, vLLM swaps the model id for the staged snapshot of the pinned commit
+    snapshot = (f"/root/.cache/huggingface/hub/models--meta-llama--Meta-Llama-3-8B-Instruct/"
+                f"snapshots/{tinymodel.COMMIT_MAIN}")
+    assert f"(v{PINNED_VERSION})" in init and f"model='{snapshot}'" in init, init
     assert re.search(rf"revision={tinymodel.COMMIT_MAIN}\b", init), init
 
 
@@ -96,7 +99,8 @@ def test_restart_always_brings_the_service_back_after_its_engine_dies(lab, deplo
     name = H100
     before = restarts(lab, name)
     started = lab.ssh(name, f"docker inspect -f '{{{{.State.StartedAt}}}}' {UNIT}").stdout
-    lab.ssh(name, "kill -9 $(pgrep -f 'VLLM::EngineCore')")
+    # '^': the engine's own title, not this shell's command line, which names it too
+    lab.ssh(name, "kill -9 $(pgrep -f '^VLLM::EngineCore')")
     deadline = time.monotonic() + 120
     while restarts(lab, name) == before:
         assert time.monotonic() < deadline, "systemd never restarted the service"
@@ -111,6 +115,7 @@ def test_the_api_key_on_every_route_as_the_real_server_shows_it(lab, deployed):
     and the key. /v1 is guarded; /invocations serves a completion without any key (the hole
     the stand-in hid; the fleet's front closes it)."""
     ip = lab.host(H100).public_ip
+    wait_answering(lab, H100)
     for key in (None, "wrong-key"):
         assert get(ip, "/v1/models", key)[0] == 401
         assert get(ip, "/v1/chat/completions", key, chat_body())[0] == 401
@@ -124,9 +129,10 @@ def test_the_api_key_on_every_route_as_the_real_server_shows_it(lab, deployed):
 BAD_RELEASE = 'extra_args=["--tokenizer","/nonexistent"]'  # vLLM fails at start, every time
 
 
-def test_rollout_health_gate_and_rollback_with_the_real_server(lab, deployed):
+def test_rollout_health_gate_and_rollback_with_the_real_server(lab, deployed, monkeypatch):
     """Canary then batch to a new release; a release the real server cannot start stops at the
     canary and is rolled back; ``gpufleet rollback`` returns both hosts to the first release."""
+    monkeypatch.setenv("VLLM_API_KEY", API)  # the first deploy's key (another is a new release)
     pair = GOOD[:2]
     limits = [a for n in pair for a in ("--limit", n)]
     r1 = {n: host_releases(lab)[n]["current"] for n in pair}

@@ -302,7 +302,7 @@ def ask(cfg: hosts.LabConfig, prompt: str, service: str = "llama3") -> str:
             f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(req, timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
-        body = json.dumps({"model": model, "max_tokens": 64,
+        body = json.dumps({"model": model, "max_tokens": 32, "temperature": 0,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         req = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers={
             "Authorization": f"Bearer {key}", "Content-Type": "application/json"})

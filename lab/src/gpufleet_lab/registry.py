@@ -257,7 +257,7 @@ def make_registry_server(bind_host: str, port: int, images: Iterable[ImageInfo],
     """A bound (not yet serving) registry server; run ``serve_forever()`` in a thread.
 
     ``images``: the ImageInfo of every repository:tag to serve (e.g. one from
-    ``build_vllm_image(cache, "v0.11.0")`` and one for ``"latest"``). ``log``: a text stream
+    ``build_vllm_image(cache, "v0.32.0")`` and one for ``"latest"``). ``log``: a text stream
     for access-log lines (None: silent).
     """
     return RegistryServer((bind_host, port), RegistryContent(images), log=log)
@@ -265,14 +265,14 @@ def make_registry_server(bind_host: str, port: int, images: Iterable[ImageInfo],
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m gpufleet_lab.registry HOST PORT CACHE_DIR [TAG...]``: serve in foreground."""
-    from gpufleet_lab.images import build_vllm_image
+    from gpufleet_lab.images import DEFAULT_TAG, build_vllm_image
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 3:
         sys.stderr.write(main.__doc__ or "")
         return 2
     host, port, cache = args[0], int(args[1]), Path(args[2])
-    tags = args[3:] or ["v0.11.0"]
+    tags = args[3:] or [DEFAULT_TAG]
     images = [build_vllm_image(cache, tag) for tag in tags]
     server = make_registry_server(host, port, images, log=sys.stderr)
     print(f"registry stand-in on http://{host}:{server.server_address[1]} serving "
