@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="leave the lab up")
     a = p.parse_args()
     lab("down")
-    lab("up", "--hosts", str(a.hosts), "--profile", "h100")
+    lab("up", "--hosts", str(a.hosts), "--profile", "h100", "--engine", "standin")  # overhead, not vLLM
     try:
         env = lab_env()
         _, _, rc = run([str(BIN / "pyinfra"), "-y", "inventories/do.py", "deploys/llama3.py"],
