@@ -1,8 +1,8 @@
 """Which CUDA build a ``vllm/vllm-openai`` tag is, the NVIDIA driver it needs, and which tag of
 the same release a given driver runs (pure; the deploy and ``gpufleet plan`` ask it per host).
 
-The tag convention flipped at v0.20.0 (research/anchors-2026-12.md section 1.2: the v0.20.0
-release notes quoted in scalytics/ScalyticsCopilot#69; NVIDIA/Model-Optimizer PR #2042):
+The tag convention flipped at v0.20.0 (the v0.20.0 release notes, quoted in
+scalytics/ScalyticsCopilot#69; NVIDIA/Model-Optimizer PR #2042):
 
 ======================  ====================  =======================
 release                 unsuffixed tag        suffixed tag
@@ -42,10 +42,10 @@ class CudaBuild:
     source: str
 
 
-CUDA_13_0 = CudaBuild("13.0", "580.65.06", "CUDA 13.0 GA release notes, as quoted in "
-                      "research/anchors-2026-12.md 1.2")
-CUDA_12_9 = CudaBuild("12.9", "575.51.03", "CUDA 12.9 GA release notes, as quoted in "
-                      "research/anchors-2026-12.md 1.2")
+CUDA_13_0 = CudaBuild("13.0", "580.65.06", "CUDA 13.0 GA release notes (NVIDIA's, as quoted "
+                      "by third-party repositories)")
+CUDA_12_9 = CudaBuild("12.9", "575.51.03", "CUDA 12.9 GA release notes (NVIDIA's, as quoted "
+                      "by third-party repositories)")
 # UNCONFIRMED: the CUDA minor of the CUDA 12 images up to v0.19.x was not read from their
 # Dockerfiles. v0.11.0 pins torch==2.8.0, whose PyPI build is CUDA 12.8, and vLLM's docs of that
 # time say "vLLM contains pre-compiled C++ and CUDA (12.8) binaries"; 570.26 is CUDA 12.8 GA's
