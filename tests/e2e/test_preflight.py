@@ -84,6 +84,11 @@ def test_a_new_revision_is_staged_before_the_restart(lab, secrets, serving):
     assert 0 < host_bytes(lab, H100) - before < 4096  # generation_config.json, not 5 MB
     unit = lab.ssh(H100, "cat /etc/systemd/system/gpufleet-llama3.service").stdout
     assert f"--revision {tinymodel.COMMIT_NEXT}" in unit
+    # the real server reports the new commit, loaded from its staged snapshot
+    init = next(ln for ln in lab.ssh(H100, "docker logs gpufleet-llama3 2>&1").stdout.splitlines()
+                if "Initializing a V1 LLM engine" in ln)
+    assert f"revision={tinymodel.COMMIT_NEXT}" in init and \
+        f"/snapshots/{tinymodel.COMMIT_NEXT}'" in init, init
     # and back to main: nothing to download
     before = host_bytes(lab, H100)
     assert lab.pyinfra("--limit", H100, extra_env=secrets).returncode == 0

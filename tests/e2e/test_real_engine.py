@@ -1,8 +1,9 @@
 """End to end with the REAL vLLM: what only the real server can show.
 
 The lab of conftest.py, whose good hosts pull ``vllm/vllm-openai:<pinned>`` as upstream vLLM's
-server on CPU (``gpufleet_lab.realimage``). Every test starts from the first deploy's state
-(``deployed``): the user's own command, with the real engine answering.
+server on CPU (``gpufleet_lab.realimage``). Every test starts from the first deploy's state of
+the H100 and the RTX 4000 Ada host (``pair``): the user's own command, with the real engine
+answering. Each restart of the real server costs about a minute here, so tests share them.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from gpufleet.model.vllm_version import PINNED_VERSION
 from gpufleet_lab import tinymodel
 from tests.e2e.conftest import API, GOOD
-from tests.e2e.lab import Lab
+from tests.e2e.lab import Converged, Lab
 from tests.e2e.test_preflight import host_bytes
-from tests.e2e.test_rollout import gpufleet, host_releases, rollout
+from tests.e2e.test_rollout import host_releases, rollout
 
 H100 = GOOD[0]
+PAIR = GOOD[:2]  # H100 and RTX 4000 Ada; the third good host (rebuilt by test_deploy) is not needed
 UNIT = "gpufleet-llama3"
 
 
@@ -57,12 +61,18 @@ def wait_answering(lab: Lab, name: str, timeout: float = 300) -> None:
         time.sleep(2)
 
 
+@pytest.fixture
+def pair(first_deploy: Converged) -> Converged:
+    first_deploy.restore(PAIR)
+    return first_deploy
+
+
 def restarts(lab: Lab, name: str) -> int:
     return int(lab.ssh(name, f"systemctl show {UNIT} -p NRestarts --value").stdout)
 
 
-def test_the_users_command_ends_in_the_real_vllm_answering(lab, deployed):
-    for name in GOOD:
+def test_the_users_command_ends_in_the_real_vllm_answering(lab, pair):
+    for name in PAIR:
         ip = lab.host(name).public_ip
         status, body = get(ip, "/version")
         assert status == 200 and json.loads(body) == {"version": str(PINNED_VERSION)}
@@ -75,29 +85,13 @@ def test_the_users_command_ends_in_the_real_vllm_answering(lab, deployed):
         assert "VLLM::EngineCore" in lab.ssh(name, "ps -eo args").stdout
 
 
-def test_the_real_server_starts_offline_from_the_staged_weights(lab, deployed):
-    """Restarted, the real server loads the weights staged in /opt/models at the pinned commit
-    with the Hub offline: not one byte comes from the Hub emulator during its start."""
-    before = host_bytes(lab, H100)
-    lab.ssh(H100, f"systemctl restart {UNIT}")
-    wait_answering(lab, H100)
-    assert host_bytes(lab, H100) == before
-    env = lab.ssh(H100, "docker inspect -f '{{json .Config.Env}}' " + UNIT).stdout
-    assert "HF_HUB_OFFLINE=1" in json.loads(env)
-    logs = lab.ssh(H100, f"docker logs {UNIT} 2>&1").stdout
-    init = next(ln for ln in logs.splitlines() if "Initializing a V1 LLM engine" in ln)
-    # offline, vLLM swaps the model id for the staged snapshot of the pinned commit
-    snapshot = (f"/root/.cache/huggingface/hub/models--meta-llama--Meta-Llama-3-8B-Instruct/"
-                f"snapshots/{tinymodel.COMMIT_MAIN}")
-    assert f"(v{PINNED_VERSION})" in init and f"model='{snapshot}'" in init, init
-    assert re.search(rf"revision={tinymodel.COMMIT_MAIN}\b", init), init
-
-
-def test_restart_always_brings_the_service_back_after_its_engine_dies(lab, deployed):
-    """Kill the real engine core: the API server exits (vLLM may exit 0 then: issue 48966),
-    systemd starts the container again and the endpoint answers again."""
+def test_after_its_engine_dies_the_real_server_comes_back_offline_from_the_staged_weights(
+        lab, pair):
+    """Kill the real engine core: the API server exits (vLLM may exit 0 then: issue 48966) and
+    ``Restart=always`` starts the container again. That start loads the weights staged in
+    /opt/models at the pinned commit with the Hub offline: not one byte comes from the Hub."""
     name = H100
-    before = restarts(lab, name)
+    before, bytes_before = restarts(lab, name), host_bytes(lab, name)
     started = lab.ssh(name, f"docker inspect -f '{{{{.State.StartedAt}}}}' {UNIT}").stdout
     # '^': the engine's own title, not this shell's command line, which names it too
     lab.ssh(name, "kill -9 $(pgrep -f '^VLLM::EngineCore')")
@@ -106,11 +100,20 @@ def test_restart_always_brings_the_service_back_after_its_engine_dies(lab, deplo
         assert time.monotonic() < deadline, "systemd never restarted the service"
         time.sleep(1)
     wait_answering(lab, name)
-    again = lab.ssh(name, f"docker inspect -f '{{{{.State.StartedAt}}}}' {UNIT}").stdout
-    assert again != started
+    assert lab.ssh(name, f"docker inspect -f '{{{{.State.StartedAt}}}}' {UNIT}").stdout != started
+    assert host_bytes(lab, name) == bytes_before
+    env = lab.ssh(name, "docker inspect -f '{{json .Config.Env}}' " + UNIT).stdout
+    assert "HF_HUB_OFFLINE=1" in json.loads(env)
+    logs = lab.ssh(name, f"docker logs {UNIT} 2>&1").stdout
+    init = next(ln for ln in logs.splitlines() if "Initializing a V1 LLM engine" in ln)
+    # offline, vLLM swaps the model id for the staged snapshot of the pinned commit
+    snapshot = (f"/root/.cache/huggingface/hub/models--meta-llama--Meta-Llama-3-8B-Instruct/"
+                f"snapshots/{tinymodel.COMMIT_MAIN}")
+    assert f"(v{PINNED_VERSION})" in init and f"model='{snapshot}'" in init, init
+    assert re.search(rf"revision={tinymodel.COMMIT_MAIN}\b", init), init
 
 
-def test_the_api_key_on_every_route_as_the_real_server_shows_it(lab, deployed):
+def test_the_api_key_on_every_route_as_the_real_server_shows_it(lab, pair):
     """What --api-key guards in the real server, from the controller, with no key, a wrong key
     and the key. /v1 is guarded; /invocations serves a completion without any key (the hole
     the stand-in hid; the fleet's front closes it)."""
@@ -129,38 +132,32 @@ def test_the_api_key_on_every_route_as_the_real_server_shows_it(lab, deployed):
 BAD_RELEASE = 'extra_args=["--tokenizer","/nonexistent"]'  # vLLM fails at start, every time
 
 
-def test_rollout_health_gate_and_rollback_with_the_real_server(lab, deployed, monkeypatch):
+def test_rollout_health_gate_and_rollback_with_the_real_server(lab, pair, monkeypatch):
     """Canary then batch to a new release; a release the real server cannot start stops at the
-    canary and is rolled back; ``gpufleet rollback`` returns both hosts to the first release."""
+    canary, which is rolled back to the release before (``gpufleet rollback`` of a whole fleet
+    is test_rollout.py's, on the stand-in)."""
     monkeypatch.setenv("VLLM_API_KEY", API)  # the first deploy's key (another is a new release)
-    pair = GOOD[:2]
-    limits = [a for n in pair for a in ("--limit", n)]
-    r1 = {n: host_releases(lab)[n]["current"] for n in pair}
+    limits = [a for n in PAIR for a in ("--limit", n)]
+    r1 = {n: host_releases(lab)[n]["current"] for n in PAIR}
 
     run = rollout(lab, *limits, "--data", "max_num_seqs=16", "--batch", "1")
     assert run.returncode == 0, run.output[-3000:]
-    assert run.output.index(f"== canary (1/2): {pair[0]}") < run.output.index(
-        f"== batch 2 (2/2): {pair[1]}")
+    assert run.output.index(f"== canary (1/2): {PAIR[0]}") < run.output.index(
+        f"== batch 2 (2/2): {PAIR[1]}")
     rows = host_releases(lab)
-    r2 = rows[pair[0]]["current"]
-    assert all(rows[n]["current"] == r2 and rows[n]["previous"] == r1[n] for n in pair)
-    for name in pair:
+    r2 = rows[PAIR[0]]["current"]
+    assert all(rows[n]["current"] == r2 and rows[n]["previous"] == r1[n] for n in PAIR)
+    for name in PAIR:
         assert get(lab.host(name).public_ip, "/v1/chat/completions", API, chat_body())[0] == 200
 
     bad = rollout(lab, *limits, "--data", "max_num_seqs=16", "--data", BAD_RELEASE,
                   "--data", "cold_start_timeout=240", "--batch", "1")
     assert bad.returncode == 3, bad.output[-3000:]
-    assert f"{pair[0]}   rolled back to {r2}, healthy" in bad.output, bad.output[-3000:]
+    assert f"{PAIR[0]}   rolled back to {r2}, healthy" in bad.output, bad.output[-3000:]
     assert "== batch 2" not in bad.output and "1 host(s) not reached" in bad.output
     rows = host_releases(lab)
-    assert [rows[n]["current"] for n in pair] == [r2, r2], rows
-    wait_answering(lab, pair[0])
-    logs = lab.ssh(pair[0], "journalctl -u gpufleet-llama3 --no-pager -o cat | tail -n 400").stdout
+    assert [rows[n]["current"] for n in PAIR] == [r2, r2], rows
+    wait_answering(lab, PAIR[0])
+    logs = lab.ssh(PAIR[0], "journalctl -u gpufleet-llama3 --no-pager -o cat | tail -n 400").stdout
     assert "/nonexistent" in logs  # the real server's own words about the bad release
 
-    back = gpufleet(lab, "rollback", "inventories/do.py", *limits, "--yes")
-    assert back.returncode == 0, back.output[-3000:]
-    rows = host_releases(lab)
-    assert all(rows[n]["current"] == r1[n] for n in pair), rows
-    for name in pair:
-        wait_answering(lab, name)
