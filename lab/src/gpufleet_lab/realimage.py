@@ -17,11 +17,17 @@ What is in it, and why (each measured; ``docs/evidence/real-vllm.md``):
   reserving ``--gpu-memory-utilization`` of the machine's memory, so the deploy's own flag
   passes through unchanged;
 * usage statistics off (``VLLM_NO_USAGE_STATS``, ``DO_NOT_TRACK``): the lab never calls out;
-* ``/usr/local/bin/vllm``: the one change to vLLM's arguments. CPUs have no fp8 kernels (vLLM
-  0.32.0 on CPU: ``_C::static_scaled_fp8_quant() expected at most 0 argument(s)``), so it drops
-  ``--quantization fp8``/``fp8_per_tensor`` with a log line and runs ``/opt/vllm/bin/vllm``
-  with everything else as given. The flag itself is checked against vLLM's real parser by the
-  contract test.
+* ``/usr/local/bin/vllm``: the two changes to vLLM's arguments, each with a log line; it then
+  runs ``/opt/vllm/bin/vllm`` with everything else as given.
+
+  - CPUs have no fp8 kernels (vLLM 0.32.0 on CPU: ``_C::static_scaled_fp8_quant() expected at
+    most 0 argument(s)``), so ``--quantization fp8``/``fp8_per_tensor`` is dropped. The flag
+    itself is checked against vLLM's real parser by the contract test.
+  - ``--enforce-eager`` is added. On two CPU cores torch.compile's warm-up is 15-25 s of every
+    start, and 0.32.0's CPU worker cannot reload its own compile cache (``Compiling model again
+    due to a load failure ... 'function' object has no attribute 'finalize_loading'``), so it
+    is paid on every restart. Measured on this machine with the tiny model: healthy after 44-56 s
+    compiled, 30-32 s eager. The e2e tests restart real servers about fifteen times.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ VENV = "/opt/vllm"
 
 ENTRYPOINT_WRAPPER = f"""#!/bin/sh
 # gpufleet lab: upstream vLLM ({realvllm.PACKAGE}) on a CPU. CPUs have no fp8 kernels, so
-# --quantization fp8 is dropped here; every other argument reaches vLLM as given.
+# --quantization fp8 is dropped here, and the server runs eager (torch.compile on a CPU costs
+# every start 15-25 s); every other argument reaches vLLM as given.
 if [ "$1" = serve ]; then
   shift
   n=$#
@@ -63,7 +70,8 @@ if [ "$1" = serve ]; then
     esac
     set -- "$@" "$a"
   done
-  set -- serve "$@"
+  echo "gpufleet lab: CPU build, added --enforce-eager" >&2
+  set -- serve "$@" --enforce-eager
 fi
 exec {VENV}/bin/vllm "$@"
 """
