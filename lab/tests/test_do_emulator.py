@@ -428,6 +428,35 @@ def test_a_failing_hook_makes_the_action_errored(emulator) -> None:
     wait_for(lambda: _action_status(server, action["action"]["id"]) == "errored")
 
 
+def test_action_fault_knob_errors_without_touching_the_droplet(emulator) -> None:
+    rec = Recorder()
+    server = emulator([host(1)], rec.hooks())
+    assert call(server, "POST", "/_lab/actions", {"count": 1, "outcome": "errored",
+                                                  "hold": 0.3})[0] == 200
+    action = call(server, "POST", "/v2/droplets/400001/actions",
+                  {"type": "rebuild", "image": "ubuntu-24-04-x64"})[2]["action"]
+    assert _action_status(server, action["id"]) == "in-progress"  # held
+    wait_for(lambda: _action_status(server, action["id"]) == "errored")
+    assert rec.calls == []
+    # only the next N actions: the one after runs
+    action = call(server, "POST", "/v2/droplets/400001/actions", {"type": "reboot"})[2]["action"]
+    wait_for(functools.partial(_is_completed, server, action["id"]))
+    assert [c[0] for c in rec.calls] == ["reboot"]
+    assert call(server, "POST", "/_lab/actions", {"outcome": "explode"})[0] == 400
+
+
+def test_action_fault_knob_no_boot_rebuilds_then_powers_off(emulator) -> None:
+    rec = Recorder()
+    server = emulator([host(1)], rec.hooks())
+    call(server, "POST", "/_lab/actions", {"outcome": "no_boot"})
+    action = call(server, "POST", "/v2/droplets/400001/actions",
+                  {"type": "rebuild", "image": "ubuntu-24-04-x64"})[2]["action"]
+    wait_for(functools.partial(_is_completed, server, action["id"]))
+    assert [c[0] for c in rec.calls] == ["rebuild", "power_off"]
+    # the hypervisor says active: the API cannot tell that the system never booted
+    assert call(server, "GET", "/v2/droplets/400001")[2]["droplet"]["status"] == "active"
+
+
 def test_power_actions_change_the_status(emulator) -> None:
     rec = Recorder()
     server = emulator([host(1)], rec.hooks())

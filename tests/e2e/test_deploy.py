@@ -200,25 +200,3 @@ def test_a_server_that_crashes_fails_the_host_with_its_last_log_lines(lab, secre
     run = lab.pyinfra("--limit", name, extra_env=secrets)
     assert run.returncode == 0, run.output[-2000:]
     chat(lab.host(name).public_ip)
-
-
-def test_droplet_rebuild_through_the_api_really_wipes_the_host(lab, deployed):
-    from gpufleet.clients.digitalocean import DigitalOceanClient
-
-    name = "llama3-gpu-03"
-    lab.ssh(name, "touch /root/marker-before-rebuild && test -e /etc/gpufleet/llama3.env")
-    client = DigitalOceanClient(lab.env["DIGITALOCEAN_TOKEN"], lab.env["DIGITALOCEAN_API_URL"])
-    droplet = next(d for d in client.list_droplets("llama3") if d.name == name)
-    action = client.rebuild(droplet.id, "gpu-h100x1-base")
-    done = client.wait_action(action.id, timeout=180, interval=1)
-    assert done.status == "completed"
-    # a rebuilt droplet has a new host key: strict checking refuses the old one
-    refused = lab.ssh(name, "true", check=False)
-    assert refused.returncode != 0 and "REMOTE HOST IDENTIFICATION HAS CHANGED" in refused.stderr
-    from gpufleet_lab import hosts
-
-    key = next(line for line in (lab.host_root(name) / "merged/etc/ssh/ssh_host_ed25519_key.pub")
-               .read_text().splitlines())
-    hosts.trust_host_key(lab.cfg, lab.host(name), " ".join(key.split()[:2]))
-    assert lab.ssh(name, "test -e /root/marker-before-rebuild", check=False).returncode == 1
-    assert lab.ssh(name, "test -e /etc/gpufleet/llama3.env", check=False).returncode == 1

@@ -24,7 +24,7 @@ from tests.e2e.test_preflight import host_bytes
 from tests.e2e.test_rollout import host_releases, rollout
 
 H100 = GOOD[0]
-PAIR = GOOD[:2]  # H100 and RTX 4000 Ada; the third good host (rebuilt by test_deploy) is not needed
+PAIR = GOOD[:2]  # H100 and RTX 4000 Ada; the third good host (rebuilt by test_recovery) is not needed
 UNIT = "gpufleet-llama3"
 
 

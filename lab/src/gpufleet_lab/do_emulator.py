@@ -29,6 +29,11 @@ Lab knobs (same token; never counted or rate limited):
   ``{"id": "too_many_requests", "message": "API Rate limit exceeded."}`` with ``Retry-After``
   and ``ratelimit-*`` headers.
 * ``POST /_lab/errors {"count": N, "status": 503}``: the next N API requests answer that 5xx.
+* ``POST /_lab/actions {"count": N, "outcome": "errored"|"no_boot", "hold": S}``: the next N
+  droplet actions stay ``in-progress`` for S seconds (default 0), then ``errored`` (the droplet
+  untouched: the API failed), or, ``no_boot``, ``completed`` after the action's hook and the
+  power-off hook ran (a droplet whose rebuilt system never boots: status ``active``, no SSH).
+  A long hold is an action that never finishes, for a client's timeout.
 
 Actions run in a worker thread per action and call the injectable hooks (``Hooks``); the lab
 wires them to the real host functions (rebuild really wipes the lab host). Status goes
@@ -523,6 +528,7 @@ class EmulatorState:
         self.retry_after = retry_after
         self.errors_next = 0
         self.errors_status = 503
+        self.action_faults: list[tuple[str, float]] = []  # (outcome, hold) of the next actions
         self.action_delay = action_delay
         # Tests: a server that pages smaller than asked, and the other reading of the GPU
         # caveat (a tag_name listing that leaves GPU droplets out).
@@ -600,9 +606,10 @@ class EmulatorState:
             )
             self._next_action_id += 1
             self.actions[action.id] = action
+            fault = self.action_faults.pop(0) if self.action_faults else None
             worker = threading.Thread(
                 target=self._run_action,
-                args=(action, dict(rec), args),
+                args=(action, dict(rec), args, fault),
                 name=f"do-action-{action.id}",
                 daemon=True,
             )
@@ -633,9 +640,17 @@ class EmulatorState:
             f"You specified an invalid image for Droplet rebuild: {image!r}.",
         )
 
-    def _run_action(self, action: Action, rec: HostRecord, args: tuple[Any, ...]) -> None:
+    def _run_action(self, action: Action, rec: HostRecord, args: tuple[Any, ...],
+                    fault: tuple[str, float] | None = None) -> None:
         if self.action_delay:
             time.sleep(self.action_delay)
+        if fault is not None:
+            time.sleep(fault[1])
+            if fault[0] == "errored":
+                with self.lock:
+                    action.status, action.error = "errored", "lab: injected failure"
+                    action.completed_at = _now_iso(self.clock)
+                return
         hooks = self.hooks
         hooks_by_type: dict[str, Callable[..., object]] = {
             "rebuild": hooks.on_rebuild,
@@ -649,6 +664,8 @@ class EmulatorState:
         hook = hooks_by_type[action.type]
         try:
             hook(rec, *args)
+            if fault is not None and fault[0] == "no_boot":
+                hooks.on_power_off(rec)
             image = self._resolve_image(args[0]) if action.type == "rebuild" else None
         except Exception as exc:  # noqa: BLE001 - a failing hook is an errored action
             print(
@@ -910,6 +927,13 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ApiError(400, "bad_request", "status must be 5xx")
                 state.errors_next, state.errors_status = count, status
                 return {"errors_next": count, "status": status}
+            if path == "/_lab/actions":
+                outcome = body.get("outcome", "errored")
+                if outcome not in ("errored", "no_boot"):
+                    raise ApiError(400, "bad_request", "outcome must be errored or no_boot")
+                hold = float(body.get("hold", 0))
+                state.action_faults = [(str(outcome), hold)] * count
+                return {"actions_next": count, "outcome": outcome, "hold": hold}
         raise ApiError(404, "not_found", NOT_FOUND)
 
     # -- the API ----------------------------------------------------------------------------

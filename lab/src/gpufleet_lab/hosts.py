@@ -1405,6 +1405,17 @@ def rebuild_host(cfg: LabConfig, index: int) -> str:
     return key
 
 
+def power_off_host(cfg: LabConfig, index: int) -> None:
+    """Stop host ``index`` (its supervisor ends its processes; the disk stays), as a droplet
+    powered off. ``power_cycle_host`` boots it again."""
+    with file_lock(cfg.state_dir / ".lock"):
+        host = _host(cfg, index)
+        hd = HostDir(cfg, host.machine)
+        _stop(cfg, hd, hard=False)
+        _cleanup(cfg, index, hd, keep_disk=True)
+        _unmount_all(hd.merged)
+
+
 def power_cycle_host(cfg: LabConfig, index: int) -> None:
     """Pull the plug on host ``index`` (SIGKILL, no shutdown) and boot it again, same disk."""
     with file_lock(cfg.state_dir / ".lock"):

@@ -36,9 +36,13 @@ def _hooks(cfg: hosts.LabConfig) -> do_emulator.Hooks:
     def power_cycle(droplet: dict[str, Any]) -> None:
         hosts.power_cycle_host(cfg, int(droplet["index"]))
 
-    # a lab reboot is a power cycle: same disk, fresh boot
+    def power_off(droplet: dict[str, Any]) -> None:
+        hosts.power_off_host(cfg, int(droplet["index"]))
+
+    # a lab reboot is a power cycle: same disk, fresh boot; power on boots a stopped host
     return do_emulator.Hooks(on_rebuild=rebuild, on_power_cycle=power_cycle,
-                             on_reboot=power_cycle)
+                             on_reboot=power_cycle, on_power_on=power_cycle,
+                             on_power_off=power_off, on_shutdown=power_off)
 
 
 def serve(cfg: hosts.LabConfig, token: str, hf_token: str, do_port: int, repo_root: Path,

@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gpufleet.cli import fleet as rollout_cli
     from gpufleet.cli import plan as plan_cli
+    from gpufleet.cli import recovery as recovery_cli
 
     plan_cli.add_parser(sub)
     rollout_cli.add_parser(sub)
+    recovery_cli.add_parser(sub)
     return parser
 
 

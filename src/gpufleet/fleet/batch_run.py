@@ -11,11 +11,11 @@ the lost host.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyinfra.api import State
+from pyinfra.api import BaseStateCallback, State
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
@@ -60,8 +60,10 @@ class BatchRunner:
     (``<stage>_ops_s``, ``<stage>_health_wait_s``)."""
 
     def __init__(self, session: fleet_session.FleetSession, events: Events, watch: Watch,
-                 add_time: Callable[[str, float], None]) -> None:
+                 add_time: Callable[[str, float], None],
+                 callbacks: Sequence[BaseStateCallback] = ()) -> None:
         self.session, self.events, self.watch, self.add_time = session, events, watch, add_time
+        self.callbacks = tuple(callbacks)
 
     def run(self, names: list[str], verb: str, fn: Callable[..., Any], *args: Any,
             stage: str) -> dict[str, Outcome]:
@@ -78,7 +80,7 @@ class BatchRunner:
         """One ``State``: the outcomes, and the hosts to deploy again (see the module)."""
         start = time.monotonic()
         progress = Progress(self.events, verb)
-        state = self.session.state(names, progress)
+        state = self.session.state(names, progress, *self.callbacks)
         try:
             hosts = fleet_session.connect(state)
             connected = {h.name for h in hosts}

@@ -29,12 +29,12 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pyinfra import host as ctx_host_obj
-from pyinfra.api import Inventory, State, deploy
+from pyinfra.api import BaseStateCallback, Inventory, State, deploy
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
@@ -220,13 +220,16 @@ class Driver:
     it returns the Report (``exit_code`` included).
 
     ``probe(host)``: whether a host answers (default: its SSH port); ``acquire``: takes one
-    host's run lock (default ``run_lock.acquire``; tests give leases of their own)."""
+    host's run lock (default ``run_lock.acquire``; tests give leases of their own);
+    ``callbacks``: pyinfra state callbacks added to every batch's state (e.g. a phase timer)."""
 
     def __init__(self, options: Options, events: Events | None = None,
                  inventory: Inventory | None = None,
                  probe: Callable[[Host], bool] | None = None,
-                 acquire: Callable[..., run_lock.Lease | None] | None = None) -> None:
+                 acquire: Callable[..., run_lock.Lease | None] | None = None,
+                 callbacks: Sequence[BaseStateCallback] = ()) -> None:
         self.opts = options
+        self.callbacks = tuple(callbacks)
         self.events: Events = events or Silent()
         self.inventory = inventory
         self.probe = probe or host_answers
@@ -257,7 +260,8 @@ class Driver:
 
     def _batch_runner(self) -> BatchRunner:
         watch = Watch(self.probe, self.opts.probe_interval, self.opts.probe_misses)
-        return BatchRunner(self.session, self.events, watch, self.report.add_time)
+        return BatchRunner(self.session, self.events, watch, self.report.add_time,
+                           self.callbacks)
 
     # -- the phases --
 
