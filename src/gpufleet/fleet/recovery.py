@@ -230,17 +230,16 @@ class Recovery:
         try:
             rs = get_fact(state, host, ReleaseState, kwargs={"service": service},
                           apply_failed_hosts=False)
-        except Exception:  # noqa: BLE001 - a host that cannot say is not healthy
-            return
-        record = rs["releases"].get(rs["current"] or "", {})
-        if record:
+            record = rs["releases"].get(rs["current"] or "", {})
             probe = get_fact(state, host, VllmEndpoint, kwargs={
                 "port": int(record.get("port", 8000)),
                 "served_name": str(record.get("served_name", "")),
                 "env_file": record.get("env_file", ""), "container": record.get("container", ""),
-                "unit": record.get("unit_name", "")}, apply_failed_hosts=False)
-            if probe.get("ok"):
-                self.healthy.add(host.name)
+                "unit": record.get("unit_name", "")}, apply_failed_hosts=False) if record else {}
+        except Exception:  # noqa: BLE001 - a host that cannot say is not healthy
+            return
+        if probe.get("ok"):
+            self.healthy.add(host.name)
         if host.name in self.opts.hosts:
             hr = self.report.host(host.name)
             hr.release_before = rs["current"]
@@ -364,7 +363,7 @@ class Recovery:
                     f"{self.opts.action_timeout:.0f}s")
             time.sleep(self.opts.poll)
             action = self.client.get_action(action.id)
-            if action.status != last:
+            if action.status != last and action.status != "completed":
                 last = action.status
                 self.events.emit(name, f"rebuild action {action.id} {action.status}")
 
