@@ -208,7 +208,13 @@ def _stager(server, tmp_path, m, *extra: str) -> subprocess.Popen:
 def _partial_bytes(tmp_path) -> int:
     part = tmp_path / "models" / "hub" / f"models--{MODEL.replace('/', '--')}" / ".gpufleet" / \
         "partial"
-    return sum(p.stat().st_size for p in part.glob("*")) if part.is_dir() else 0
+    total = 0
+    for file in part.glob("*") if part.is_dir() else ():
+        try:
+            total += file.stat().st_size
+        except FileNotFoundError:  # finished and moved out between glob and stat
+            pass
+    return total
 
 
 def _wait_for(what, predicate, timeout: float = 20.0) -> None:
