@@ -12,7 +12,6 @@ command is one SSH exec). Run as root on a machine where ``gpufleet-lab up`` wor
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
@@ -20,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from benchlab import BIN, ROOT, lab_env
+
 PREFIX, SUBNET = "gb", "10.216.0"
 
 
@@ -30,14 +29,6 @@ def sh(args: list[str], env: dict[str, str] | None = None) -> tuple[float, subpr
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     return time.monotonic() - t0, proc
 
-
-def lab_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for line in Path(f"/var/tmp/gpufleet-lab/{PREFIX}/lab.env").read_text().splitlines():
-        key, _, value = line.partition("=")
-        env[key] = value.strip("'")
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    return env
 
 
 def deploy(env: dict[str, str], *extra: str) -> tuple[float, subprocess.CompletedProcess]:
@@ -61,7 +52,7 @@ def bench_size(n: int, repeats: int) -> dict[str, float]:
     boot, proc = sh(gf + ["up", "--hosts", str(n), "--profile", "h100", "--engine", "standin"])
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
-    env = lab_env()
+    env = lab_env(PREFIX, SUBNET)
     try:
         first, proc = deploy(env)
         if proc.returncode:

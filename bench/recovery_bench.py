@@ -15,32 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from benchlab import BIN, ROOT, lab, lab_env
+
 PREFIX, SUBNET = "rb", "10.225.0"
 HOST = "llama3-gpu-01"
 KEY = "sk-recovery-bench-0123456789abcdef"  # one key: every rebuild gets the same release
 
-
-def lab(*args: str) -> None:
-    subprocess.run([str(BIN / "gpufleet-lab"), "--prefix", PREFIX, "--subnet", SUBNET, *args],
-                   cwd=ROOT, check=True, capture_output=True)
-
-
-def lab_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for line in Path(f"/var/tmp/gpufleet-lab/{PREFIX}/lab.env").read_text().splitlines():
-        key, _, value = line.partition("=")
-        env[key] = value.strip("'")
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env["VLLM_API_KEY"] = KEY
-    return env
 
 
 def one_drill(env: dict[str, str]) -> dict[str, float | str]:
@@ -64,10 +48,10 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print the medians as JSON")
     p.add_argument("--keep", action="store_true", help="leave the lab up")
     a = p.parse_args()
-    lab("down")
-    lab("up", "--hosts", "2", "--profile", a.profile, "--engine", a.engine)
+    lab(PREFIX, SUBNET, "down")
+    lab(PREFIX, SUBNET, "up", "--hosts", "2", "--profile", a.profile, "--engine", a.engine)
     try:
-        env = lab_env()
+        env = {**lab_env(PREFIX, SUBNET), "VLLM_API_KEY": KEY}
         proc = subprocess.run([str(BIN / "pyinfra"), "-y", "inventories/do.py",
                                "deploys/llama3.py"], cwd=ROOT, env=env, capture_output=True,
                               text=True)
@@ -76,7 +60,7 @@ def main() -> int:
         runs = [one_drill(env) for _ in range(a.repeats)]
     finally:
         if not a.keep:
-            lab("down")
+            lab(PREFIX, SUBNET, "down")
     releases = {r.pop("release") for r in runs}
     keys = [k for k in runs[0] if all(k in r for r in runs)]
     medians = {k: round(statistics.median(float(r[k]) for r in runs), 1) for k in keys}

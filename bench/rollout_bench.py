@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from benchlab import BIN, ROOT, lab, lab_env
+
 PREFIX, SUBNET = "gr", "10.218.0"
 
 
@@ -40,19 +38,6 @@ def run(args: list[str], env: dict[str, str] | None = None) -> tuple[float, str,
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     return time.monotonic() - t0, proc.stdout, proc.returncode if proc.returncode else 0
 
-
-def lab(*args: str) -> None:
-    subprocess.run([str(BIN / "gpufleet-lab"), "--prefix", PREFIX, "--subnet", SUBNET, *args],
-                   cwd=ROOT, check=True, capture_output=True)
-
-
-def lab_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for line in Path(f"/var/tmp/gpufleet-lab/{PREFIX}/lab.env").read_text().splitlines():
-        key, _, value = line.partition("=")
-        env[key] = value.strip("'")
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    return env
 
 
 def one_rollout(env: dict[str, str], quantization: str) -> dict[str, float]:
@@ -78,10 +63,10 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print the medians as JSON")
     p.add_argument("--keep", action="store_true", help="leave the lab up")
     a = p.parse_args()
-    lab("down")
-    lab("up", "--hosts", str(a.hosts), "--profile", "h100", "--engine", "standin")  # overhead, not vLLM
+    lab(PREFIX, SUBNET, "down")
+    lab(PREFIX, SUBNET, "up", "--hosts", str(a.hosts), "--profile", "h100", "--engine", "standin")  # overhead, not vLLM
     try:
-        env = lab_env()
+        env = lab_env(PREFIX, SUBNET)
         _, _, rc = run([str(BIN / "pyinfra"), "-y", "inventories/do.py", "deploys/llama3.py"],
                        env)
         if rc:
@@ -89,7 +74,7 @@ def main() -> int:
         runs = [one_rollout(env, "fp16" if i % 2 == 0 else "fp8") for i in range(a.repeats)]
     finally:
         if not a.keep:
-            lab("down")
+            lab(PREFIX, SUBNET, "down")
     medians = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
     if a.json:
         print(json.dumps({"hosts": a.hosts, "repeats": a.repeats, "median": medians,

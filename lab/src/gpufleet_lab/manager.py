@@ -203,6 +203,11 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+def read_env(cfg: hosts.LabConfig) -> dict[str, str]:
+    """The lab's environment as ``up`` wrote it (``lab.env``)."""
+    return _read_env(env_file(cfg))
+
+
 def _read_env(path: Path) -> dict[str, str]:
     env = {}
     for line in path.read_text().splitlines():
