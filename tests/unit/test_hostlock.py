@@ -139,6 +139,40 @@ def test_a_run_that_falls_silent_loses_the_lock_and_pings_keep_it(root):
     assert not fact(root)["locked"]
 
 
+def flock_for(path: Path, seconds: float) -> subprocess.Popen:
+    """A process that holds ``path``'s flock for ``seconds`` and writes no holder file."""
+    code = ("import fcntl,os,sys,time;fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT);"
+            "fcntl.flock(fd,fcntl.LOCK_EX);print(flush=True);time.sleep(float(sys.argv[2]))")
+    proc = subprocess.Popen(["python3", "-c", code, str(path), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout and proc.stdout.readline() == "\n"  # it holds the lock now
+    return proc
+
+
+def test_a_lock_probed_for_a_moment_does_not_refuse_a_run(root):
+    """A reader that takes the flock for a moment (the ReleaseState fact, ``flock -n``) leaves
+    no holder file: a run starting then waits that moment out instead of refusing."""
+    d = Path(releases.service_dir("llama3"))
+    d.mkdir(parents=True)
+    probe = flock_for(d / "lock", 0.5)
+    try:
+        run = Holder(d, holder("aaaa1111"))
+        assert run.line().startswith("LOCKED ")
+        assert run.close() == 0
+    finally:
+        probe.wait(timeout=10)
+    # a lock held past the grace, still without a holder file, is refused as held
+    long = flock_for(d / "lock", 8)
+    try:
+        t0 = time.monotonic()
+        refused = Holder(d, holder("bbbb2222"))
+        assert refused.line() == "HELD {}" and refused.proc.wait(timeout=10) == 3
+        assert time.monotonic() - t0 >= 2.5
+    finally:
+        long.kill()
+        long.wait(timeout=10)
+
+
 def test_wait_seconds_comes_from_the_environment():
     assert hostlock.wait_seconds({}) == 0
     assert hostlock.wait_seconds({"GPUFLEET_WAIT": "600"}) == 600

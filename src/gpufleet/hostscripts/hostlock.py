@@ -16,7 +16,9 @@ Protocol, one line each on stdout: ``LOCKED <holder>`` (taken), ``HELD <holder>`
 has it; exit 3), ``WAITING <holder>`` (with ``--wait``, before waiting), ``RELEASED``. On stdin,
 while held: ``AUDIT <json line>`` appends that line to ``<dir>/audit.log``; ``RELEASE`` or EOF
 releases; the run sends ``PING`` every few seconds, and a holder that hears nothing for
-``--expiry`` seconds releases too (a cut link can leave sshd's session open). ``break`` ends
+``--expiry`` seconds releases too (a cut link can leave sshd's session open). A ``flock`` held
+with no holder file for under ``NAMELESS_GRACE`` seconds (a reader probing it, a holder taking
+or letting go) is waited out, not reported as held. ``break`` ends
 the holding process named in the holder file and prints ``BROKEN <holder>``. The controller sends this script over stdin (``python3 -c BOOT``), so the
 host always runs the controller's version of it. Standard library only.
 """
@@ -39,6 +41,10 @@ HOLDER = "lock.holder.json"
 AUDIT = "audit.log"
 HELD_EXIT = 3
 EXPIRY = 120.0  # seconds without a line from the run (it sends PING every 10 s)
+# a flock held with no holder file is a moment, not a run: a holder between taking the lock and
+# writing its file (or removing it and letting go), or a reader probing the lock (the
+# ReleaseState fact, ``flock -n``); it is tried again for this long before it counts as held
+NAMELESS_GRACE = 3.0
 
 
 def say(line: str) -> None:
@@ -123,10 +129,14 @@ def serve(directory: str, expiry: float) -> None:
 
 def hold(directory: str, holder: dict, wait: float, expiry: float = EXPIRY) -> int:
     fd = open_lock(directory)
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    deadline = started + wait
     said_waiting = False
     while not try_lock(fd):
         other = read_holder(directory)
+        if not other and time.monotonic() - started < NAMELESS_GRACE:
+            time.sleep(0.05)
+            continue
         if time.monotonic() >= deadline:
             say("HELD " + json.dumps(other, sort_keys=True))
             return HELD_EXIT
