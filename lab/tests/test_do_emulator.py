@@ -530,4 +530,5 @@ def test_snapshot_then_rebuild_from_it(emulator) -> None:
     wait_for(lambda: _action_status(server, rebuild["id"]) == "completed")
     image = call(server, "GET", "/v2/droplets/400002")[2]["droplet"]["image"]
     assert image["id"] == snap["id"] and image["type"] == "snapshot"
-    assert rec.calls == [("snapshot", "gfh1", "before-upgrade"), ("rebuild", "gfh2", snap["id"])]
+    assert rec.calls == [("snapshot", "gfh1", "before-upgrade", snap["id"]),
+                         ("rebuild", "gfh2", snap["id"])]

@@ -6,19 +6,25 @@ already out of service, the one the faults that wipe a host are tried on. The Di
 emulator's knobs inject the API's faults (``/_lab/actions``, ``/_lab/ratelimit``). Each fault is
 one clear error with what to do next, and nothing else changes: the serving hosts are never
 touched, and known_hosts changes only for a droplet whose new key was read.
+
+Last, on the same lab: a golden snapshot of a serving host (``gpufleet snapshot``) and a rebuild
+from it, which only writes the secrets back and starts the server.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.request
 
 import pytest
 
 from gpufleet.fleet.known_hosts import names_address
-from tests.e2e.lab import Converged, Lab, converge, start_lab
-from tests.e2e.test_rollout import gpufleet
+from tests.e2e.lab import BIN, ROOT, Converged, Lab, converge, start_lab
+from tests.e2e.test_deploy import chat
+from tests.e2e.test_preflight import host_bytes
+from tests.e2e.test_rollout import _env, gpufleet, host_releases
 
 PREFIX, SUBNET = "rf", "10.224.0"
 SERVING = ["llama3-gpu-01", "llama3-gpu-02"]
@@ -142,3 +148,63 @@ def test_a_deploy_that_fails_after_the_rebuild_says_how_to_finish(rf_lab, env):
                                        f"{' '.join(key.split()[:2])}"]
     rf_lab.ssh(BROKEN, "true")
     serving_untouched(env)
+
+
+# -- golden snapshots ----------------------------------------------------------------------------
+
+
+def gpufleet_json(lab: Lab, *args: str) -> tuple[int, dict, str]:
+    proc = subprocess.run([str(BIN / "gpufleet"), *args, "--json"], cwd=ROOT, env=_env(lab),
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, json.loads(proc.stdout or "{}"), proc.stderr
+
+
+def test_a_golden_snapshot_leaves_the_secrets_out_and_a_rebuild_from_it_only_starts(rf_lab,
+                                                                                     env):
+    from gpufleet_lab import hosts as lab_hosts
+
+    gold, lost = SERVING
+    release = host_releases(rf_lab)[gold]["current"]
+    rc, doc, log = gpufleet_json(rf_lab, "snapshot", "inventories/do.py", gold, "--name", "gold")
+    assert rc == 0, log + json.dumps(doc, indent=1)
+    snap = doc["snapshot"]
+    assert snap["name"] == "gold" and snap["size_gigabytes"] > 0
+    assert snap["scrubbed"] == ["/etc/gpufleet/llama3.env", "/etc/gpufleet/llama3.hf-token"]
+    phases = doc["hosts"][0]["phases"]
+    assert list(phases)[:4] == ["scrub", "power off", "snapshot", "power on"], phases
+    # what the snapshot holds: the staged weights and the pulled image, no secret anywhere
+    disk = lab_hosts.snapshot_dir(rf_lab.cfg, snap["snapshot_id"])
+    assert any((disk / "upper/opt/models/hub").iterdir())
+    assert any((disk / "docker/image").iterdir())
+    assert not (disk / "upper/etc/gpufleet/llama3.env").exists()
+    for secret in (API, rf_lab.env["HF_TOKEN"]):
+        found = subprocess.run(["grep", "-rlF", secret, str(disk)], capture_output=True,
+                               text=True)
+        assert found.returncode == 1 and not found.stdout, found.stdout
+    # the snapshotted host serves again, on its release, its secrets back (0600)
+    assert host_releases(rf_lab)[gold]["current"] == release
+    assert chat(rf_lab.host(gold).public_ip, API)["choices"]
+    assert rf_lab.ssh(gold, "stat -c %a /etc/gpufleet/llama3.env").stdout.strip() == "600"
+    listed = gpufleet(rf_lab, "snapshots", "inventories/do.py")
+    assert f"{snap['snapshot_id']} " in listed.output and "gold" in listed.output
+
+    # a rebuild from it: nothing pulled, nothing downloaded, the same release serving
+    hub_before = host_bytes(rf_lab, lost)
+    rc, doc, log = gpufleet_json(rf_lab, "rebuild", "inventories/do.py", lost, "--yes",
+                                 "--snapshot", str(snap["snapshot_id"]))
+    assert rc == 0, log + json.dumps(doc, indent=1)
+    assert host_bytes(rf_lab, lost) == hub_before
+    host = doc["hosts"][0]
+    assert host["release_after"] == release and host["result"] == "rebuilt", host
+    # only the secrets written back and the server started
+    assert not [op for op in host["changed"] if op.startswith(("Image ", "Weights ", "Docker ",
+                                                               "NVIDIA ", "daemon.json"))], host
+    assert any(op.startswith("Env file") for op in host["changed"]), host
+    assert chat(rf_lab.host(lost).public_ip, API)["choices"]
+    serving_untouched_but(env, lost)
+
+
+def serving_untouched_but(fleet: Converged, rebuilt: str) -> None:
+    for name in SERVING:
+        if name != rebuilt:
+            assert fleet.lab.fingerprint(name) == fleet.prints[name], name

@@ -444,7 +444,7 @@ def test_wait_action_times_out(emulator) -> None:
 
 
 def test_errored_action_raises(emulator) -> None:
-    def fail(droplet: dict[str, Any], name: str) -> None:
+    def fail(droplet: dict[str, Any], name: str, snapshot_id: int) -> None:
         raise RuntimeError("disk full")
 
     server = emulator([host(1)], Hooks(on_snapshot=fail))

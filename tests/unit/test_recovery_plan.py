@@ -44,3 +44,40 @@ def test_a_drill_needs_a_healthy_host_and_another_that_keeps_serving():
         planned(["a"], {"a"}, command="drill")
     with pytest.raises(RolloutError, match="a is not healthy"):
         planned(["a"], {"b"}, command="drill")
+
+
+def snapshot_plan(healthy: set[str], force: bool = False, service: str | None = "llama3"):
+    from gpufleet.fleet.golden import GoldenSnapshot
+
+    g = GoldenSnapshot(RebuildOptions(inventory="inventories/do.py", deploy="deploys/llama3.py",
+                                      hosts=["a"], command="snapshot", force=force),
+                       client=object(), name="gold")  # type: ignore[arg-type]
+    g.report.hosts = [HostRecovery(host="a", droplet_id=1, addresses=[])]
+    g.report.service, g.healthy = service, healthy
+    g._plan(fleet=3)
+    return g.report.batches
+
+
+def test_a_golden_snapshot_takes_its_host_out_of_service_so_not_the_last_healthy_one():
+    assert snapshot_plan({"a", "b"}) == [["a"]]
+    assert snapshot_plan({"b"}) == [["a"]]
+    with pytest.raises(RolloutError, match="last healthy host.*--force"):
+        snapshot_plan({"a"})
+    assert snapshot_plan({"a"}, force=True) == [["a"]]
+    with pytest.raises(RolloutError, match="serves no gpufleet service"):
+        snapshot_plan(set(), service=None)
+
+
+def test_the_scrub_holds_the_run_lock_and_removes_both_secrets():
+    import shlex
+
+    from gpufleet.fleet.golden import LOCK_HELD_EXIT, scrub_command
+
+    words = shlex.split(scrub_command("llama3"))
+    at = words.index("flock")
+    assert words[at:at + 5] == ["flock", "-n", "-E", str(LOCK_HELD_EXIT),
+                                "/var/lib/gpufleet/llama3/lock"]
+    inner = words[-1]
+    assert inner.startswith("systemctl disable --now gpufleet-llama3.service && rm -f ")
+    assert "/etc/gpufleet/llama3.env /etc/gpufleet/llama3.hf-token" in inner
+    assert inner.endswith("&& sync")

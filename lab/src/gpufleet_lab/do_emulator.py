@@ -345,14 +345,15 @@ class Hooks:
 
     ``droplet`` is a copy of the droplet's lab host record (the ``hosts[]`` entry of lab.json:
     index, machine, droplet_name, droplet_id, profile, flavour, public_ip, private_ip, region,
-    size, tags). ``image`` is what the rebuild request named (a slug or an id). A hook that
-    raises makes the action ``errored``.
+    size, tags). ``image`` is what the rebuild request named (a slug or an id). The snapshot
+    hook gets the name and the id the snapshot will have, and may return its size in bytes.
+    A hook that raises makes the action ``errored``.
     """
 
     on_rebuild: Callable[[HostRecord, Any], object] = _noop
     on_power_cycle: Callable[[HostRecord], object] = _noop
     on_reboot: Callable[[HostRecord], object] = _noop
-    on_snapshot: Callable[[HostRecord, str], object] = _noop
+    on_snapshot: Callable[[HostRecord, str, int], object] = _noop
     on_power_off: Callable[[HostRecord], object] = _noop
     on_power_on: Callable[[HostRecord], object] = _noop
     on_shutdown: Callable[[HostRecord], object] = _noop
@@ -433,6 +434,7 @@ class Snapshot:
     region_slug: str
     created_at: str
     min_disk_size: int
+    size_gigabytes: float = 12.5  # the lab's hook gives the size of the disk it copied
 
     def droplet_json(self) -> dict[str, Any]:
         """Shape of ``GET /v2/droplets/{id}/snapshots`` items (integer id)."""
@@ -446,7 +448,7 @@ class Snapshot:
             "created_at": self.created_at,
             "min_disk_size": self.min_disk_size,
             "type": "snapshot",
-            "size_gigabytes": 12.5,
+            "size_gigabytes": self.size_gigabytes,
         }
 
     def snapshots_json(self) -> dict[str, Any]:
@@ -459,7 +461,7 @@ class Snapshot:
             "resource_id": str(self.droplet_id),
             "resource_type": "droplet",
             "min_disk_size": self.min_disk_size,
-            "size_gigabytes": 12.5,
+            "size_gigabytes": self.size_gigabytes,
             "tags": [],
         }
 
@@ -475,7 +477,7 @@ class Snapshot:
             "created_at": self.created_at,
             "type": "snapshot",
             "min_disk_size": self.min_disk_size,
-            "size_gigabytes": 12.5,
+            "size_gigabytes": self.size_gigabytes,
             "description": "",
             "tags": [],
             "status": "available",
@@ -662,8 +664,12 @@ class EmulatorState:
             "shutdown": hooks.on_shutdown,
         }
         hook = hooks_by_type[action.type]
+        if action.type == "snapshot":
+            with self.lock:
+                args = (*args, self._next_snapshot_id)
+                self._next_snapshot_id += 1
         try:
-            hook(rec, *args)
+            made = hook(rec, *args)
             if fault is not None and fault[0] == "no_boot":
                 hooks.on_power_off(rec)
             image = self._resolve_image(args[0]) if action.type == "rebuild" else None
@@ -687,14 +693,15 @@ class EmulatorState:
                 ov.image = image
             if action.type == "snapshot":
                 snap = Snapshot(
-                    id=self._next_snapshot_id,
+                    id=args[1],
                     name=args[0],
                     droplet_id=action.droplet_id,
                     region_slug=action.region_slug,
                     created_at=_now_iso(self.clock),
                     min_disk_size=size_for(rec).disk,
                 )
-                self._next_snapshot_id += 1
+                if isinstance(made, int) and not isinstance(made, bool):
+                    snap.size_gigabytes = round(made / 1e9, 2)
                 self.snapshots[snap.id] = snap
                 ov.snapshot_ids.append(snap.id)
             action.status = "completed"

@@ -986,8 +986,10 @@ def _write_into(
         os.chown(p, st.st_uid, st.st_gid)
 
 
-def _seed_root(cfg: LabConfig, host: LabHost, root: Path) -> str:
-    """Per-host files of a fresh disk; returns the new host key (``ssh-ed25519 AAAA...``)."""
+def _seed_root(cfg: LabConfig, host: LabHost, root: Path, keep_settings: bool = False) -> str:
+    """Per-host files of a fresh disk; returns the new host key (``ssh-ed25519 AAAA...``).
+    ``keep_settings``: a disk from a snapshot keeps its docker settings (only what a new droplet
+    always gets anew is written: name, machine-id, authorized key, host key, the GPU)."""
     pub = cfg.ssh_key.with_suffix(".pub").read_text()
     _write_into(root, "etc/hostname", host.droplet_name + "\n")
     _write_into(root, "etc/hosts", _hosts_file(host))
@@ -996,7 +998,8 @@ def _seed_root(cfg: LabConfig, host: LabHost, root: Path) -> str:
     deploy_home = _inside(root, "home/deploy/.ssh")
     if deploy_home.is_dir():
         _write_into(root, "home/deploy/.ssh/authorized_keys", pub, 0o600, owner=deploy_home)
-    _write_into(root, "etc/docker/daemon.json", daemon_json(cfg))
+    if not keep_settings:
+        _write_into(root, "etc/docker/daemon.json", daemon_json(cfg))
     profiles.install_profile(host.profile, root)
     key = _inside(root, "etc/ssh/ssh_host_ed25519_key")
     for old in key.parent.glob("ssh_host_*"):
@@ -1020,17 +1023,37 @@ def _mount_overlay(image: Path, hd: HostDir) -> None:
         _run(["mount", "-t", "overlay", "overlay", "-o", opts, str(hd.merged)])
 
 
-def _provision(cfg: LabConfig, host: LabHost, image: Path) -> str:
-    """A fresh disk for ``host`` (its old one wiped); returns the new host key."""
+SNAPSHOT_PARTS = ("upper", "docker", "containerd")  # a host's disk, as HostDir names them
+
+
+def snapshot_dir(cfg: LabConfig, snapshot_id: int) -> Path:
+    return cfg.state_dir / "snapshots" / str(snapshot_id)
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """``cp -a`` (owners, modes, xattrs, overlay whiteouts and opaque dirs kept)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _run(["cp", "-a", "--reflink=auto", str(src), str(dest)], timeout=900)
+
+
+def _provision(cfg: LabConfig, host: LabHost, image: Path,
+               snapshot: Path | None = None) -> str:
+    """A fresh disk for ``host`` (its old one wiped), from the image or from a snapshot's
+    disk; returns the new host key."""
     hd = HostDir(cfg, host.machine)
     _rmtree(hd.root)
+    hd.root.mkdir(parents=True)
+    if snapshot is not None:
+        for part in SNAPSHOT_PARTS:
+            _copy_tree(snapshot / part, hd.root / part)
     for d in (hd.upper, hd.work, hd.merged, hd.docker, hd.containerd):
         d.mkdir(parents=True, exist_ok=True)
     hd.docker.chmod(0o711)
     hd.containerd.chmod(0o711)
-    _seed_var_lib(image, hd)
+    if snapshot is None:
+        _seed_var_lib(image, hd)
     _mount_overlay(image, hd)
-    key = _seed_root(cfg, host, hd.merged)
+    key = _seed_root(cfg, host, hd.merged, keep_settings=snapshot is not None)
     _write_atomic(hd.known_hosts, "".join(_known_hosts_lines(host, key)))
     record = {**host.to_record(), "image": str(image), "created_at": _now_iso(), "host_key": key}
     _write_atomic(hd.record, json.dumps(record, indent=2) + "\n")
@@ -1383,26 +1406,48 @@ def _host_record(cfg: LabConfig, host: LabHost) -> dict[str, Any]:
     return json.loads(HostDir(cfg, host.machine).record.read_text())
 
 
-def rebuild_host(cfg: LabConfig, index: int) -> str:
+def rebuild_host(cfg: LabConfig, index: int, snapshot_id: int | None = None) -> str:
     """Rebuild host ``index`` like a droplet rebuild: same name and IPs, a wiped disk.
 
     Stops the host, throws away its overlay upper dir and its docker/containerd dirs (back to
-    the image), generates a new SSH host key and machine-id, boots it and waits for
-    ``running``. The lab's known_hosts is NOT updated (a rebuilt droplet really has a new key):
-    the new key (``ssh-ed25519 AAAA...``) is returned; ``trust_host_key`` records it.
+    the image, or to the disk of snapshot ``snapshot_id``), generates a new SSH host key and
+    machine-id, boots it and waits for ``running``. The lab's known_hosts is NOT updated (a
+    rebuilt droplet really has a new key): the new key (``ssh-ed25519 AAAA...``) is returned;
+    ``trust_host_key`` records it.
     """
     with file_lock(cfg.state_dir / ".lock"):
         host = _host(cfg, index)
         hd = HostDir(cfg, host.machine)
         image = build_rootfs(host.flavour, cfg.cache_dir)
+        snapshot = None
+        if snapshot_id is not None:
+            snapshot = snapshot_dir(cfg, snapshot_id)
+            if not (snapshot / "done").is_file():
+                raise LabError(f"snapshot {snapshot_id} has no disk in {snapshot}")
         _stop(cfg, hd, hard=False)
         _cleanup(cfg, index, hd, keep_disk=False)
         _prepare_lab(cfg)
-        key = _provision(cfg, host, image)
+        key = _provision(cfg, host, image, snapshot)
         _start(cfg, host, image)
         _record_hosts(cfg, [_host_record(cfg, host)])
         _wait_ready(cfg, host)
     return key
+
+
+def snapshot_host(cfg: LabConfig, index: int, snapshot_id: int) -> int:
+    """Copy host ``index``'s disk (overlay upper dir, docker and containerd dirs) as snapshot
+    ``snapshot_id``; returns its size in bytes. A running host is copied as it is, like
+    DigitalOcean's live snapshot (gpufleet powers a droplet off first)."""
+    with file_lock(cfg.state_dir / ".lock"):
+        host = _host(cfg, index)
+        hd = HostDir(cfg, host.machine)
+        dest = snapshot_dir(cfg, snapshot_id)
+        _rmtree(dest)
+        for part in SNAPSHOT_PARTS:
+            _copy_tree(hd.root / part, dest / part)
+        size = int(_run(["du", "-sb", str(dest)]).stdout.split()[0])
+        (dest / "done").write_text(f"{host.droplet_name} {size}\n")
+    return size
 
 
 def power_off_host(cfg: LabConfig, index: int) -> None:

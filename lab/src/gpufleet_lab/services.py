@@ -31,7 +31,13 @@ def _hooks(cfg: hosts.LabConfig) -> do_emulator.Hooks:
     """Droplet actions act on the real lab hosts."""
 
     def rebuild(droplet: dict[str, Any], image: Any) -> None:
-        hosts.rebuild_host(cfg, int(droplet["index"]))
+        # an image id that is no public image's is a snapshot (the emulator resolved it)
+        snapshot = int(image) if str(image).isdigit() and (
+            hosts.snapshot_dir(cfg, int(image)).is_dir()) else None
+        hosts.rebuild_host(cfg, int(droplet["index"]), snapshot)
+
+    def snapshot(droplet: dict[str, Any], name: str, snapshot_id: int) -> int:
+        return hosts.snapshot_host(cfg, int(droplet["index"]), snapshot_id)
 
     def power_cycle(droplet: dict[str, Any]) -> None:
         hosts.power_cycle_host(cfg, int(droplet["index"]))
@@ -40,7 +46,7 @@ def _hooks(cfg: hosts.LabConfig) -> do_emulator.Hooks:
         hosts.power_off_host(cfg, int(droplet["index"]))
 
     # a lab reboot is a power cycle: same disk, fresh boot; power on boots a stopped host
-    return do_emulator.Hooks(on_rebuild=rebuild, on_power_cycle=power_cycle,
+    return do_emulator.Hooks(on_rebuild=rebuild, on_snapshot=snapshot, on_power_cycle=power_cycle,
                              on_reboot=power_cycle, on_power_on=power_cycle,
                              on_power_off=power_off, on_shutdown=power_off)
 

@@ -13,6 +13,8 @@ from gpufleet.cli.fleet import Printer, _table
 EXIT_STATUSES = """exit status: 0 every host rebuilt and healthy; 1 a host failed (the last
 batch); 2 bad input, refused or not confirmed (nothing changed); 3 a batch failed and later
 batches were not touched"""
+SNAPSHOT_EXIT_STATUSES = """exit status: 0 snapshot taken and the host healthy again; 1 the
+snapshot or the deploy after it failed; 2 bad input or refused (nothing changed)"""
 DEFAULT_DEPLOY = "deploys/llama3.py"
 
 
@@ -23,20 +25,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help=f"the deploy that makes a server of a host (default {DEFAULT_DEPLOY})")
     common.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                         help="override data, as pyinfra --data")
-    common.add_argument("--yes", "-y", action="store_true", help="do not ask before rebuilding")
     common.add_argument("--json", action="store_true",
                         help="the report as JSON on stdout (live lines go to stderr)")
     common.add_argument("--action-timeout", type=float, default=1800.0, metavar="S",
-                        help="seconds the API's rebuild may take (default 1800)")
+                        help="seconds an API action (rebuild, snapshot) may take (default 1800)")
     common.add_argument("--ssh-timeout", type=float, default=900.0, metavar="S",
                         help="seconds from the rebuild's end to SSH (default 900)")
+    ask = argparse.ArgumentParser(add_help=False)
+    ask.add_argument("--yes", "-y", action="store_true", help="do not ask before rebuilding")
     source = argparse.ArgumentParser(add_help=False)
     group = source.add_mutually_exclusive_group()
     group.add_argument("--image", metavar="SLUG", help="rebuild from this image (default: the "
                                                        "droplet's own image)")
     group.add_argument("--snapshot", type=int, metavar="ID", help="rebuild from this snapshot")
 
-    r = sub.add_parser("rebuild", parents=[common, source], epilog=EXIT_STATUSES,
+    r = sub.add_parser("rebuild", parents=[common, ask, source], epilog=EXIT_STATUSES,
                        help="rebuild droplets through the API and deploy them again (disaster "
                             "recovery), timed by phase")
     r.add_argument("hosts", nargs="+", metavar="HOST")
@@ -46,17 +49,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also rebuild when no other host of the service is healthy")
     r.set_defaults(func=main)
 
-    d = sub.add_parser("drill", parents=[common, source], epilog=EXIT_STATUSES,
+    d = sub.add_parser("drill", parents=[common, ask, source], epilog=EXIT_STATUSES,
                        help="rebuild one healthy host on purpose and print its recovery time")
     d.add_argument("hosts", nargs=1, metavar="HOST")
     d.set_defaults(func=main, batch="1", force=False)
 
-    s = sub.add_parser("snapshot", help="snapshot a droplet (a golden image to rebuild from)")
-    s.add_argument("inventory")
-    s.add_argument("host")
+    s = sub.add_parser("snapshot", parents=[common], epilog=SNAPSHOT_EXIT_STATUSES,
+                       help="snapshot a served droplet as a golden image (its secrets left "
+                            "out), then serve again")
+    s.add_argument("hosts", nargs=1, metavar="HOST")
     s.add_argument("--name", help="the snapshot's name (default: HOST-YYYYmmdd-HHMMSS)")
-    s.add_argument("--timeout", type=float, default=3600.0, metavar="S")
-    s.set_defaults(func=snapshot_main)
+    s.add_argument("--force", action="store_true",
+                   help="also when no other host of the service is healthy")
+    s.set_defaults(func=snapshot_main, yes=True, image=None, snapshot=None, batch="1")
 
     ls = sub.add_parser("snapshots", help="the account's droplet snapshots")
     ls.add_argument("inventory")
@@ -64,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=snapshots_main)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, make: Any = None) -> int:
     from gpufleet.cli.data import DataError, parse_data
     from gpufleet.fleet.recovery import RebuildOptions, Recovery
     from gpufleet.fleet.report import USAGE, RolloutError
@@ -82,18 +87,28 @@ def main(args: argparse.Namespace) -> int:
             action_timeout=args.action_timeout, ssh_timeout=args.ssh_timeout)
         if not args.yes:
             opts.confirm = _ask
-        report = Recovery(opts, live).run()
+        run = make(opts, live) if make is not None else Recovery(opts, live)
+        report = run.run()
     except (RolloutError, DataError) as e:
         print(f"gpufleet {args.command}: {e}", file=sys.stderr)
         return USAGE
     except KeyboardInterrupt:
         print(f"gpufleet {args.command}: interrupted", file=sys.stderr)
         return 130
+    extra = getattr(run, "snapshot", None)
     if args.json:
-        json.dump(report.as_dict(), sys.stdout, indent=2)
+        doc = report.as_dict()
+        if extra is not None:
+            doc["snapshot"] = dict(extra.__dict__)
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print_report(report, sys.stdout)
+        if extra is not None and extra.snapshot_id is not None:
+            size = f", {extra.size_gigabytes:g} GB" if extra.size_gigabytes is not None else ""
+            print(f"snapshot {extra.snapshot_id} {extra.name!r}{size}; left out of it: "
+                  f"{', '.join(extra.scrubbed)}. Rebuild from it: gpufleet rebuild "
+                  f"{args.inventory} HOST --snapshot {extra.snapshot_id}")
     return report.exit_code
 
 
@@ -114,9 +129,9 @@ def _ask(report: Any) -> bool:
 
 
 def print_report(report: Any, out: TextIO) -> None:
-    from gpufleet.fleet.recovery import PHASES
+    from gpufleet.fleet.recovery import phase_order
 
-    used = [p for p in PHASES if any(p in h.phases for h in report.hosts)]
+    used = phase_order({p: 0.0 for h in report.hosts for p in h.phases})
     rows = [("host", "result", "release before", "after", *used, "recovery")]
     for h in report.hosts:
         rows.append((h.host, h.result, h.release_before or "-", h.release_after or "-",
@@ -144,31 +159,10 @@ def _client() -> Any:
 def snapshot_main(args: argparse.Namespace) -> int:
     import time
 
-    from pyinfra.api.exceptions import PyinfraError
+    from gpufleet.fleet.golden import GoldenSnapshot
 
-    from gpufleet.clients.digitalocean import DigitalOceanError
-    from gpufleet.fleet.report import USAGE
-    from gpufleet.fleet.session import load_inventory
-
-    try:
-        inventory = load_inventory(args.inventory)
-        if args.host not in [h.name for h in inventory]:
-            raise PyinfraError(f"{args.host} is not in the inventory")
-        droplet_id = int(inventory.get_host(args.host).data.get("droplet_id"))
-        client = _client()
-        name = args.name or f"{args.host}-{time.strftime('%Y%m%d-%H%M%S')}"
-        t0 = time.monotonic()
-        action = client.snapshot(droplet_id, name)
-        print(f"snapshot {name!r} of {args.host}: action {action.id} {action.status}")
-        client.wait_action(action.id, timeout=args.timeout, interval=5)
-        found = [s for s in client.list_snapshots(droplet_id) if s.name == name]
-    except (PyinfraError, DigitalOceanError) as e:
-        print(f"gpufleet snapshot: {e}", file=sys.stderr)
-        return USAGE
-    ident = found[-1].id if found else "?"
-    print(f"snapshot {ident} {name!r} of {args.host} done in {time.monotonic() - t0:.0f}s; "
-          f"rebuild from it: gpufleet rebuild {args.inventory} HOST --snapshot {ident}")
-    return 0
+    name = args.name or f"{args.hosts[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return main(args, make=lambda opts, live: GoldenSnapshot(opts, live, name=name))
 
 
 def snapshots_main(args: argparse.Namespace) -> int:

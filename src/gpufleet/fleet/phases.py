@@ -55,6 +55,7 @@ class PhaseTimer(BaseStateCallback):
         self._started: dict[tuple[str, str], float] = {}
         self._timed: dict[str, dict[str, float]] = {}
         self._gates: list[tuple[State, Host, str, float]] = []
+        self._ran: list[tuple[str, str, State, Host]] = []
 
     @property
     def seconds(self) -> dict[str, dict[str, float]]:
@@ -68,6 +69,19 @@ class PhaseTimer(BaseStateCallback):
                 mine[key] = mine.get(key, 0.0) + value
         return out
 
+    @property
+    def changed(self) -> dict[str, list[str]]:
+        """The operations that changed something, per host (what a recovery had to do)."""
+        out: dict[str, list[str]] = {}
+        for host_name, op_hash, state, host in self._ran:
+            op = state.ops[host].get(op_hash)
+            meta = op.operation_meta if op is not None else None
+            if meta is not None and meta.is_complete() and meta.did_change():
+                names = sorted(state.get_op_meta(op_hash).names)
+                out.setdefault(host_name, []).append(names[0].split(" | ")[-1] if names
+                                                     else op_hash)
+        return out
+
     def operation_host_start(  # type: ignore[override]
         self, state: State, host: Host, op_hash: str,
     ) -> None:
@@ -78,6 +92,7 @@ class PhaseTimer(BaseStateCallback):
         if t0 is None:
             return
         took = time.monotonic() - t0
+        self._ran.append((host.name, op_hash, state, host))
         names = sorted(state.get_op_meta(op_hash).names)
         phase = phase_of(names[0].split(" | ")[-1]) if names else "other operations"
         if phase == "cold start":

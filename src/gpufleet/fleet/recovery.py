@@ -52,6 +52,11 @@ PHASES = ("api action", "boot to ssh", *DEPLOY_PHASES)
 REBUILT, FAILED, NOT_REACHED = "rebuilt", "failed", "not reached"
 
 
+def phase_order(phases: Mapping[str, float]) -> list[str]:
+    """The phases in the order a run goes through them (a snapshot's own ones first)."""
+    return [p for p in phases if p not in PHASES] + [p for p in PHASES if p in phases]
+
+
 @dataclass
 class RebuildOptions:
     inventory: str
@@ -83,6 +88,7 @@ class HostRecovery:
     detail: str = ""
     fingerprint: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)  # the deploy's operations that changed
 
     @property
     def total_s(self) -> float:
@@ -106,7 +112,7 @@ class RecoveryReport:
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         for h, d in zip(self.hosts, doc["hosts"], strict=True):
-            d["phases"] = {p: round(h.phases[p], 1) for p in PHASES if p in h.phases}
+            d["phases"] = {p: round(h.phases[p], 1) for p in phase_order(h.phases)}
             d["total_s"] = h.total_s
         return doc
 
@@ -114,6 +120,8 @@ class RecoveryReport:
 class Recovery:
     """One rebuild or drill. ``run()`` returns the report; it raises only ``RolloutError`` for
     bad input found before anything changed."""
+
+    deploy_hint = " (the droplet is rebuilt, SSH trusts its new key)"
 
     def __init__(self, opts: RebuildOptions, events: Events | None = None,
                  client: DigitalOceanClient | None = None,
@@ -383,12 +391,13 @@ class Recovery:
         driver = rollout.Driver(
             rollout.Options(command="rollout", inventory=self.opts.inventory,
                             deploy=self.opts.deploy, data=self.opts.data, canary=0,
-                            batch=str(len(names)), limit=names),
+                            batch=str(len(names)), limit=names, redeploy=True),
             self.events, inventory=session.inventory, callbacks=[timer])
         result = driver.run()
         for name in names:
             hr, out = self.report.host(name), result.host(name)
             hr.phases.update(timer.seconds.get(name, {}))
+            hr.changed = timer.changed.get(name, [])
             hr.release_after = out.now_on or out.to_release
             if out.result == rollout.HEALTHY:
                 hr.result = REBUILT
@@ -397,9 +406,9 @@ class Recovery:
             else:
                 hr.result = FAILED
                 why = out.detail or result.message or out.result
-                hr.detail = (f"the deploy after the rebuild failed: {why}; fix it "
+                hr.detail = (f"the deploy after the {self.opts.command} failed: {why}; fix it "
                              f"and run pyinfra {self.opts.inventory} {self.opts.deploy} "
-                             f"--limit {name} (the droplet is rebuilt, SSH trusts its new key)")
+                             f"--limit {name}" + self.deploy_hint)
 
 
 def _image_arg(image: str) -> str | int:

@@ -107,6 +107,9 @@ class Options:
     service: str | None = None
     confirm: Callable[[Report], bool] | None = None  # None: go ahead (--yes)
     plan_only: bool = False  # preflight and plan, change nothing (--json without --yes)
+    # deploy hosts already on the target release too (after a rebuild or a golden snapshot the
+    # records say "current" while the server is stopped and its secrets are gone)
+    redeploy: bool = False
     connect_timeout: int = 10
     probe_interval: float = PROBE_INTERVAL
     probe_misses: int = PROBE_MISSES
@@ -377,7 +380,8 @@ class Driver:
             return False
         target = self.targets.get(name)
         record = st["releases"].get(st["current"] or "", {})
-        if target == st["current"] and st["unit_sha256"] == record.get("unit_sha256"):
+        if (not self.opts.redeploy and target == st["current"]
+                and st["unit_sha256"] == record.get("unit_sha256")):
             hr.result, hr.detail, hr.now_on = UNCHANGED, "already on this release", target
             return False
         return True
