@@ -2,15 +2,19 @@
 
 The lab of conftest.py (the real vLLM). The host rebuilt is its third good host (``h100:base``:
 a bare GPU image, so the deploy installs docker too): the emulator's rebuild really wipes it
-(a fresh root filesystem and a new SSH host key, as DigitalOcean's does).
+(a fresh root filesystem and a new SSH host key, as DigitalOcean's does), and its weights come
+back from a healthy peer.
 """
 
 from __future__ import annotations
+
+import json
 
 from gpufleet.fleet.known_hosts import HostKey, names_address
 from tests.e2e.conftest import API, GOOD
 from tests.e2e.lab import Converged, Lab
 from tests.e2e.test_deploy import chat
+from tests.e2e.test_preflight import host_bytes
 from tests.e2e.test_rollout import gpufleet, host_releases
 
 NAME = GOOD[2]
@@ -29,6 +33,7 @@ def test_rebuild_brings_a_wiped_droplet_back_on_the_same_release(lab: Lab, deplo
     assert before
     lab.ssh(NAME, "touch /root/marker-before-rebuild")
     known_before = lab.cfg.known_hosts.read_text()
+    hub_before = host_bytes(lab, NAME)
 
     run = gpufleet(lab, "rebuild", "inventories/do.py", NAME, "--yes", timeout=900)
     assert run.returncode == 0, run.output[-4000:]
@@ -44,6 +49,10 @@ def test_rebuild_brings_a_wiped_droplet_back_on_the_same_release(lab: Lab, deplo
     assert HostKey(key_type, key_b64).fingerprint in run.output
     assert lab.cfg.known_hosts.with_name(lab.cfg.known_hosts.name + ".old").read_text() \
         == known_before
+    # the weights came from a healthy peer over the private network, not one byte from the Hub
+    assert "is offered as the peer" in run.output and host_bytes(lab, NAME) == hub_before
+    staged = lab.ssh(NAME, "cat /opt/models/hub/models--*/.gpufleet/*.complete").stdout
+    assert json.loads(staged)["bytes"] > 0
     # the same server: the same release, as the rollout's `releases` shows it, and it answers
     assert host_releases(lab)[NAME]["current"] == before
     assert chat(host.public_ip)["choices"]

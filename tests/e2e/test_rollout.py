@@ -130,10 +130,11 @@ def index_of(output: str, needle: str) -> int:
 
 @dataclass
 class Recorded:
-    """A run and the releases on the hosts right after it."""
+    """A run and the releases on the hosts right after it (and what the Hub served)."""
 
     run: Run
     rows: dict[str, dict]
+    hub: dict | None = None
 
 
 def settled_rows(lab: Lab) -> dict[str, dict]:
@@ -167,8 +168,10 @@ def bring_fleet_to(lab: Lab, release: str, *data: str) -> None:
 @pytest.fixture(scope="session")
 def plain_deploy(rollout_lab: Lab) -> Recorded:
     """The plain deploy on the fresh lab: every host records its first release, R1 (fp8)."""
+    from tests.e2e.test_preflight import hub
+
     run = rollout_lab.pyinfra()
-    return Recorded(run, host_releases(rollout_lab))
+    return Recorded(run, host_releases(rollout_lab), hub(rollout_lab, "/_lab/stats"))
 
 
 @pytest.fixture(scope="session")
@@ -270,6 +273,35 @@ def test_plain_deploy_records_the_release_and_a_rerun_reads_one_fact(rollout_lab
     assert again.returncode == 0, again.output[-3000:]
     section = again.output.split(f"Release {r1} recorded")[1].split("--> ")[0]
     assert section.count(">>>") == 1 and "No changes" in section, section
+
+
+def test_a_first_deploy_of_four_hosts_takes_each_weight_file_from_the_hub_once(rollout_lab,
+                                                                               plain_deploy):
+    """The first host stages from the Hub; the three others from it, over the private network."""
+    lab, run, served = rollout_lab, plain_deploy.run, plain_deploy.hub
+    assert run.returncode == 0 and served is not None, run.output[-3000:]
+    markers = lab.ssh(NAMES[0], f"cat {markers_glob()}").stdout
+    size = json.loads(markers)["bytes"]
+    by_host = {n: served["bytes_by_client"].get(lab.host(n).public_ip, 0) for n in NAMES}
+    assert by_host == {NAMES[0]: size, **{n: 0 for n in NAMES[1:]}}, (by_host, size)
+    weights = {f: b for f, b in served["bytes_by_file"].items() if f.endswith(".safetensors")}
+    assert weights and all(b == size_of(lab, f) for f, b in weights.items()), weights
+    assert f"from peer {NAMES[0]}" in run.output
+    for name in NAMES[1:]:
+        staged = lab.ssh(name, f"cat {markers_glob()}").stdout
+        assert json.loads(staged)["bytes"] == size  # complete: served from the peer, verified
+
+
+def markers_glob() -> str:
+    return "/opt/models/hub/models--*/.gpufleet/*.complete"
+
+
+def size_of(lab: Lab, repo_file: str) -> int:
+    """The size of ``org/name/path`` as staged on the first host."""
+    repo, _, path = repo_file.partition("/")[2].partition("/")
+    org = repo_file.split("/", 1)[0]
+    snap = f"/opt/models/hub/models--{org}--{repo}/snapshots/*/{path}"
+    return int(lab.ssh(NAMES[0], f"stat -L -c %s {snap}").stdout.split()[0])
 
 
 def test_rollout_canary_then_batches_every_host_healthy_on_the_new_release(rollout_lab, r1,

@@ -187,6 +187,7 @@ def test_groups_public() -> None:
         "region": "tor1",
         "size": "gpu-4000adax1-20gb",
         "droplet_tags": ["llama3"],
+        "private_ip": "10.213.100.11",
     }
     assert [name for name, _ in groups["gpu"][0]] == ["llama3-gpu-01", "llama3-gpu-02"]
 

@@ -79,5 +79,6 @@ def test_the_scrub_holds_the_run_lock_and_removes_both_secrets():
                                 "/var/lib/gpufleet/llama3/lock"]
     inner = words[-1]
     assert inner.startswith("systemctl disable --now gpufleet-llama3.service && rm -f ")
-    assert "/etc/gpufleet/llama3.env /etc/gpufleet/llama3.hf-token" in inner
+    assert "/etc/gpufleet/llama3.env /etc/gpufleet/llama3.hf-token /etc/gpufleet/weights-peer-*" \
+        in inner
     assert inner.endswith("&& sync")

@@ -17,7 +17,9 @@ variable                       meaning                               default
                                ``off`` or ``ask``
 =============================  ====================================  =========================
 
-Each failure is one ``InventoryError`` (a ``PyinfraError``, so pyinfra's CLI prints one line
+Each host's data holds its droplet id, region, size and tags, and its private (VPC) address as
+``private_ip`` (where hosts hand each other the staged weights). Each failure is one
+``InventoryError`` (a ``PyinfraError``, so pyinfra's CLI prints one line
 and exits 1 instead of a traceback). The token is never part of any message.
 """
 
@@ -149,6 +151,8 @@ def host_data(droplet: Droplet, settings: InventorySettings) -> HostData:
         "size": droplet.size,
         "droplet_tags": list(droplet.tags),
     }
+    if droplet.private_ipv4:
+        data["private_ip"] = droplet.private_ipv4  # the VPC address: peers share weights on it
     if settings.ssh_key:
         data["ssh_key"] = settings.ssh_key
     return data

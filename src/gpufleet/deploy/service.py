@@ -24,7 +24,9 @@ from pyinfra.operations.util import any_changed
 
 from gpufleet.clients import hub
 from gpufleet.deploy import unit_file as render
+from gpufleet.deploy import weight_peers
 from gpufleet.facts.nvidia import NvidiaGpus
+from gpufleet.facts.weights import WeightsStaged
 from gpufleet.fleet import lost_hosts
 from gpufleet.fleet import run_lock as hostlock
 from gpufleet.fleet.deploy_results import DeployResult, hand_back
@@ -116,7 +118,8 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     """
     spec, driver_refusal = host_image(spec)
     _gpus_and_docker(spec, plan, driver_refusal)
-    env_file = _storage_image_and_secrets(spec, secrets, shape, hub_endpoint)
+    checks_pass = plan is not None and plan.fits and driver_refusal is None
+    env_file = _storage_image_and_secrets(spec, secrets, shape, hub_endpoint, checks_pass)
     return _service_verified_and_recorded(spec, secrets, shape, plan, env_file)
 
 
@@ -172,9 +175,11 @@ def _gpus_and_docker(spec: ServiceSpec, plan: planner.Plan | None,
 
 
 def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
-                               shape: ModelShape | None, hub_endpoint: str | None) -> Any:
+                               shape: ModelShape | None, hub_endpoint: str | None,
+                               checks_pass: bool = False) -> Any:
     """The model store and compile cache, the image, the two secret files and the staged
-    weights. Returns the server env file's operation (a change restarts the service)."""
+    weights (from the Hub, or from a peer that has them: ``gpufleet.deploy.weight_peers``).
+    Returns the server env file's operation (a change restarts the service)."""
     # created when missing, never re-permissioned (files.directory would chmod an existing one)
     hostfiles.directory_created(name=f"Model store {spec.models_dir}", path=spec.models_dir)
     hostfiles.directory_created(name=f"vLLM compile cache {spec.compile_cache_dir}",
@@ -196,12 +201,21 @@ def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.Servi
     )
     if shape is not None:
         # before the unit changes: the running server keeps serving while bytes travel
-        models.weights_staged(
-            name=f"Weights {shape.model}@{shape.commit[:12]} staged in {spec.models_dir}",
-            model=shape.model, commit=shape.commit, files=list(shape.files),
-            endpoint=hub_endpoint or hub.hub_endpoint(), token_file=spec.hf_token_file,
-            models_dir=spec.models_dir, revision=spec.revision,
-        )
+        staged = host.get_fact(WeightsStaged, models_dir=spec.models_dir, model=shape.model,
+                               commit=shape.commit)
+        # the host itself, not pyinfra's proxy for "the current host": a peer outlives this
+        peer = weight_peers.peer_for(ctx_state.get(), ctx_host.get(), shape.model, shape.commit,
+                                     spec.models_dir, staged_here=bool(staged),
+                                     can_serve=checks_pass)
+        what = dict(model=shape.model, commit=shape.commit, files=list(shape.files),
+                    endpoint=hub_endpoint or hub.hub_endpoint(), token_file=spec.hf_token_file,
+                    models_dir=spec.models_dir, revision=spec.revision)
+        label = f"Weights {shape.model}@{shape.commit[:12]}"
+        if peer is None:
+            models.weights_staged(name=f"{label} staged in {spec.models_dir}", **what)
+        else:  # a later line: pyinfra runs it after the peer's own staging, on every host
+            models.weights_staged(name=f"{label} from peer {peer.name} into {spec.models_dir}",
+                                  peer=peer, **what)
     return env_file
 
 

@@ -45,7 +45,8 @@ def scrub_command(service: str) -> str:
     unit = names.unit_name(service)
     secrets = [names.env_file(service), names.hf_token_file(service)]
     inner = (f"systemctl disable --now {shlex.quote(unit)} && "
-             f"rm -f {' '.join(map(shlex.quote, secrets))} && sync")
+             f"rm -f {' '.join(map(shlex.quote, secrets))} "
+             f"{shlex.quote(names.SECRETS_DIR)}/weights-peer-*.json && sync")
     return (f"mkdir -p {shlex.quote(names.service_dir(service))} && "
             f"flock -n -E {LOCK_HELD_EXIT} {shlex.quote(names.lock_path(service))} "
             f"sh -c {shlex.quote(inner)}")

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,6 +386,7 @@ class Recovery:
         return None
 
     def _deploy(self, session: fleet_session.FleetSession, names: list[str]) -> None:
+        """The deploy on the hosts ``names``, their weights from a healthy peer."""
         from gpufleet.fleet import rollout
 
         timer = PhaseTimer()
@@ -393,7 +395,8 @@ class Recovery:
                             deploy=self.opts.deploy, data=self.opts.data, canary=0,
                             batch=str(len(names)), limit=names, redeploy=True),
             self.events, inventory=session.inventory, callbacks=[timer])
-        result = driver.run()
+        with peer_offered(session, sorted(self.healthy - set(names)), self.events):
+            result = driver.run()
         for name in names:
             hr, out = self.report.host(name), result.host(name)
             hr.phases.update(timer.seconds.get(name, {}))
@@ -409,6 +412,24 @@ class Recovery:
                 hr.detail = (f"the deploy after the {self.opts.command} failed: {why}; fix it "
                              f"and run pyinfra {self.opts.inventory} {self.opts.deploy} "
                              f"--limit {name}" + self.deploy_hint)
+
+@contextmanager
+def peer_offered(session: fleet_session.FleetSession, healthy: Sequence[str],
+                 events: Events) -> Iterator[None]:
+    """The first healthy host offered, while the block runs, as the peer the deployed hosts
+    take their weights from (``gpufleet.deploy.weight_peers``; the Hub when it cannot serve)."""
+    from gpufleet.deploy import weight_peers
+
+    state = session.state(list(healthy[:1])) if healthy else None
+    try:
+        if state is not None and (connected := fleet_session.connect(state)):
+            weight_peers.offer(state, connected[0])
+            events.emit(None, f"weights: {connected[0].name} is offered as the peer")
+        yield
+    finally:
+        weight_peers.close_all()
+        if state is not None:
+            fleet_session.shutdown(state)
 
 
 def _image_arg(image: str) -> str | int:

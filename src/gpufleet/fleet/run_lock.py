@@ -70,6 +70,23 @@ def describe(holder: dict[str, Any] | None) -> str:
     return parsed.describe()
 
 
+def keep_alive(stdin: Any, name: str) -> threading.Event:
+    """Tell a host script every few seconds that the run lives (it ends after silence); set the
+    returned event to stop."""
+    done = threading.Event()
+
+    def ping() -> None:
+        while not done.wait(PING_SECONDS):
+            try:
+                stdin.write("PING\n")
+                stdin.flush()
+            except (OSError, EOFError, ValueError):
+                return
+
+    threading.Thread(target=ping, daemon=True, name=name).start()
+    return done
+
+
 @dataclass
 class Lease:
     """A run lock held on one host: alive while its channel (or local process) is open."""
@@ -83,18 +100,7 @@ class Lease:
     _settimeout: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self._done = threading.Event()
-        threading.Thread(target=self._ping, daemon=True,
-                         name=f"gpufleet-lock-{self.host}").start()
-
-    def _ping(self) -> None:
-        """Tell the host every few seconds that the run lives (it releases after silence)."""
-        while not self._done.wait(PING_SECONDS):
-            try:
-                self._stdin.write("PING\n")
-                self._stdin.flush()
-            except (OSError, EOFError, ValueError):
-                return
+        self._done = keep_alive(self._stdin, f"gpufleet-lock-{self.host}")
 
     def _answer(self, line: str, timeout: float) -> str:
         """Send a line and read the host's answer; "" when it does not come in time (a host
@@ -143,12 +149,14 @@ def _quote(text: str) -> str:
     return shlex.quote(text)
 
 
-def _open(state: State, host: Host, args: list[str]) -> tuple[Any, Any, Any, Any] | None:
-    """Start the host script on its own channel: (stdin, stdout, close, settimeout), or None
-    when this connector cannot hold a lease (``@fake`` hosts in tests, ``@docker`` ...)."""
+def open_channel(state: State, host: Host, args: list[str],
+          body: str | None = None) -> tuple[Any, Any, Any, Any] | None:
+    """Start a host script (``body``, default hostlock.py) on its own channel: (stdin, stdout,
+    close, settimeout), or None when this connector cannot hold a lease (``@fake`` hosts in
+    tests, ``@docker`` ...)."""
     kind = type(getattr(host, "connector", None)).__name__
     raw = _command(state, host, args)
-    body = script()
+    body = script() if body is None else body
     payload = f"{len(body)}\n{body}"
     if kind == "SSHConnector":
         client = host.connector.client  # type: ignore[attr-defined]
@@ -194,7 +202,7 @@ def acquire(state: State, host: Host, service: str, holder: releases.LockHolder,
     args = ["hold", "--dir", releases.service_dir(service), "--holder", holder.to_json()]
     if wait:
         args += ["--wait", f"{wait:g}"]
-    opened = _open(state, host, args)
+    opened = open_channel(state, host, args)
     if opened is None:
         return None
     stdin, stdout, close, settimeout = opened

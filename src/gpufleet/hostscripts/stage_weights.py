@@ -29,6 +29,11 @@ Errors that cannot heal are not retried: a full disk or quota (ENOSPC, EDQUOT) s
 the space needed and free; HTTP 401/403/404 stop at once. Cut connections, timeouts and server
 errors resume with backoff.
 
+With ``--peer-file`` (root-only JSON ``{"url", "token"}``, removed once read) each file is asked
+first of a peer that has the model staged (``weights_peer.py`` on its private address), verified
+against the manifest like a download from the Hub (sha256, or the git blob id of a small file);
+whatever the peer cannot give comes from the Hub.
+
 The token file (``--token-file``, root-only 0600) holds the Hugging Face token either as a
 ``HF_TOKEN=value`` line (quotes allowed) or as the raw token alone; missing file or no token:
 anonymous. The token is never read from the command line. Standard library only.
@@ -118,6 +123,24 @@ def read_token(token_file: str | None) -> str | None:
             return value.strip().strip("'\"") or None
     if len(lines) == 1 and "=" not in lines[0]:
         return lines[0]
+    return None
+
+
+def read_peer(peer_file: str | None) -> dict | None:
+    """The peer to ask first (``{"url", "token"}``), read once and the file removed: its token
+    is good for this run only. None without a file or with a bad one (the Hub serves)."""
+    if not peer_file:
+        return None
+    try:
+        with open(peer_file, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(peer_file)
+    if isinstance(doc, dict) and isinstance(doc.get("url"), str) and doc.get("token"):
+        return {"url": doc["url"], "token": str(doc["token"])}
     return None
 
 
@@ -291,7 +314,7 @@ def _no_space(e: BaseException) -> bool:
 
 
 def stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
-          sleep: Callable[[float], None] = time.sleep) -> int:
+          sleep: Callable[[float], None] = time.sleep, peer: dict | None = None) -> int:
     model, commit = manifest["model"], manifest["commit"]
     if os.path.isfile(marker_path(models_dir, model, commit)):
         say(f"{model}@{commit[:12]} is staged already", err=False)
@@ -301,7 +324,7 @@ def stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
             if os.path.isfile(marker_path(models_dir, model, commit)):
                 say(f"{model}@{commit[:12]} was staged meanwhile by another run", err=False)
                 return 0
-            return _stage(manifest, endpoint, token, models_dir, sleep)
+            return _stage(manifest, endpoint, token, models_dir, sleep, peer)
     except OSError as e:
         if not _no_space(e):
             raise
@@ -349,12 +372,14 @@ class Repo:
 
 
 def _download_with_resume(repo: Repo, f: dict, url: str, token: str | None, rest: list[dict],
-                          sleep: Callable[[float], None]) -> tuple[int, str]:
-    """Download ``f`` into its partial file, resuming a cut connection (Range) up to ATTEMPTS
-    times; a full disk or an access error stops at once. Returns (bytes fetched, etag)."""
+                          sleep: Callable[[float], None],
+                          attempts: int = ATTEMPTS) -> tuple[int, str]:
+    """Download ``f`` into its partial file, resuming a cut connection (Range) up to
+    ``attempts`` times; a full disk or an access error stops at once. Returns (bytes fetched,
+    etag)."""
     part, known = repo.part_of(f), f.get("sha256") or f.get("blob_id")
     fetched_total, etag = 0, ""
-    for attempt in range(ATTEMPTS):
+    for attempt in range(attempts):
         if _size(part) == f["size"] and (etag or known):
             break  # complete already (a stopped run got every byte)
         try:
@@ -367,25 +392,67 @@ def _download_with_resume(repo: Repo, f: dict, url: str, token: str | None, rest
                 raise StageError(f"{url}: HTTP {e.code} {e.reason}") from None
             if isinstance(e, urllib.error.HTTPError) and e.code == 416:
                 etag = etag or (known or "")
-            elif attempt + 1 < ATTEMPTS:
+            elif attempt + 1 < attempts:
                 say(f"{f['path']}: {e}; resuming from {fmt_size(_size(part))} "
-                    f"(attempt {attempt + 2} of {ATTEMPTS})")
+                    f"(attempt {attempt + 2} of {attempts})")
         if _size(part) >= f["size"]:
             break
-        if attempt + 1 < ATTEMPTS:
+        if attempt + 1 < attempts:
             sleep(min(2 * (attempt + 1), 10))
     if _size(part) != f["size"]:
         raise StageError(f"{f['path']}: got {fmt_size(_size(part))} of {fmt_size(f['size'])} "
-                         f"after {ATTEMPTS} attempts; re-run to resume")
+                         f"after {attempts} attempts; re-run to resume")
     return fetched_total, etag
 
 
+def git_blob_id(path: str) -> str:
+    """The git blob id of a file (what the Hub's metadata gives for a file not in LFS)."""
+    h = hashlib.sha1(f"blob {_size(path)}\0".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _from_peer(repo: Repo, f: dict, peer: dict, rest: list[dict],
+               sleep: Callable[[float], None]) -> int | None:
+    """``f`` from a peer into its partial file, verified against the manifest (sha256, or the
+    git blob id of a small file); bytes fetched, or None (then the Hub is asked for what is
+    missing). A full disk is not the peer's fault: it stops the staging."""
+    blob = f.get("sha256") or f.get("blob_id")
+    if not blob:
+        return None
+    url = f"{peer['url'].rstrip('/')}/blobs/{blob}"
+    try:
+        fetched, _ = _download_with_resume(repo, f, url, peer["token"], rest, sleep, attempts=2)
+    except StageError as e:
+        if "not enough disk space" in str(e):
+            raise
+        say(f"{f['path']}: peer {peer['url']}: {e}; asking the Hub")
+        return None
+    part = repo.part_of(f)
+    got = sha256_of(part) if f.get("sha256") else git_blob_id(part)
+    if got != blob:
+        os.unlink(part)
+        say(f"{f['path']}: peer {peer['url']} sent bytes that do not match the manifest; "
+            "asking the Hub")
+        return None
+    return fetched
+
+
 def _stage_file(repo: Repo, f: dict, endpoint: str, token: str | None, rest: list[dict],
-                sleep: Callable[[float], None]) -> int:
-    """One file into its blob (sha256-verified) and its snapshot link; returns bytes fetched."""
+                sleep: Callable[[float], None], peer: dict | None = None) -> tuple[int, int]:
+    """One file into its blob (sha256-verified) and its snapshot link, from the peer when one
+    is given and has it, else from the Hub; returns (bytes from the Hub, bytes from the peer)."""
     if repo.has_blob(f):
         _link(repo.snapshot, f["path"], repo.blob_of(f) or "")  # there from another revision
-        return 0
+        return 0, 0
+    from_peer = _from_peer(repo, f, peer, rest, sleep) if peer else None
+    if from_peer is not None:
+        blob = repo.blob_of(f) or ""
+        os.replace(repo.part_of(f), blob)
+        _link(repo.snapshot, f["path"], blob)
+        return 0, from_peer
     quoted = urllib.parse.quote(f["path"])
     url = f"{endpoint.rstrip('/')}/{repo.model}/resolve/{repo.commit}/{quoted}"
     fetched, etag = _download_with_resume(repo, f, url, token, rest, sleep)
@@ -402,7 +469,7 @@ def _stage_file(repo: Repo, f: dict, endpoint: str, token: str | None, rest: lis
                         etag or known or hashlib.sha256(f["path"].encode()).hexdigest())
     os.replace(part, blob)
     _link(repo.snapshot, f["path"], blob)
-    return fetched
+    return fetched, 0
 
 
 def _mark_complete(repo: Repo, manifest: dict) -> None:
@@ -420,7 +487,7 @@ def _mark_complete(repo: Repo, manifest: dict) -> None:
 
 
 def _stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
-           sleep: Callable[[float], None]) -> int:
+           sleep: Callable[[float], None], peer: dict | None = None) -> int:
     model, commit = manifest["model"], manifest["commit"]
     repo = Repo(models_dir, model, commit)
     todo = [f for f in manifest["files"]
@@ -430,17 +497,22 @@ def _stage(manifest: dict, endpoint: str, token: str | None, models_dir: str,
     if need and free < need * 1.05 + (1 << 30) * (need > (1 << 30)):
         say(disk_space_message(models_dir, model, commit, need, free))
         return 1
-    fetched_total, t0 = 0, time.monotonic()
+    fetched_total, from_peers, t0 = 0, 0, time.monotonic()
     try:
         for i, f in enumerate(todo):
-            fetched_total += _stage_file(repo, f, endpoint, token, todo[i + 1:], sleep)
+            hub_bytes, peer_bytes = _stage_file(repo, f, endpoint, token, todo[i + 1:], sleep,
+                                                peer)
+            fetched_total += hub_bytes
+            from_peers += peer_bytes
     except StageError as e:
         say(str(e))
         return 1
     _mark_complete(repo, manifest)
+    peer_part = (f", {fmt_size(from_peers)} ({from_peers} bytes) from peer {peer['url']}"
+                 if peer else "")
     say(f"staged {model}@{commit[:12]}: downloaded {fmt_size(fetched_total)} "
-        f"({fetched_total} bytes; {len(manifest['files'])} files, {len(todo)} not in this "
-        f"snapshot yet) in {time.monotonic() - t0:.1f}s", err=False)
+        f"({fetched_total} bytes) from the Hub{peer_part}; {len(manifest['files'])} files, "
+        f"{len(todo)} not in this snapshot yet, in {time.monotonic() - t0:.1f}s", err=False)
     return 0
 
 
@@ -450,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--token-file", help="root-only file holding the Hugging Face token")
     p.add_argument("--models-dir", required=True)
+    p.add_argument("--peer-file",
+                   help="root-only JSON file {url, token}: a peer serving its staged blobs "
+                        "(weights_peer.py), asked before the Hub; removed once read")
     p.add_argument("--watch-pid", type=int,
                    help="stop when this process is gone (default: the nearest sshd ancestor)")
     p.add_argument("--no-watch-parent", action="store_true",
@@ -468,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                 watch(found[0], found[1], "the SSH session of the run that started this staging")
     with open(a.manifest, encoding="utf-8") as f:
         manifest = json.load(f)
-    return stage(manifest, a.endpoint, read_token(a.token_file), a.models_dir)
+    return stage(manifest, a.endpoint, read_token(a.token_file), a.models_dir,
+                 peer=read_peer(a.peer_file))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from io import StringIO
+from typing import TYPE_CHECKING
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
+from pyinfra.api import FileUploadCommand, FunctionCommand, QuoteString, StringCommand, operation
 
 from gpufleet.facts.weights import WeightsStaged
 from gpufleet.model.names import MANIFEST_DIR, STAGE_SCRIPT, manifest_path
+
+if TYPE_CHECKING:
+    from gpufleet.deploy.weight_peers import Peer
 
 
 @operation()
@@ -21,6 +25,7 @@ def weights_staged(
     token_file: str | None = None,
     models_dir: str = "/opt/models",
     revision: str | None = None,
+    peer: Peer | None = None,
 ):
     """
     Make sure ``model`` is on the host at ``commit``, in the Hugging Face cache layout under
@@ -39,6 +44,8 @@ def weights_staged(
     + token_file: the root-only file holding HF_TOKEN (None or a missing file: anonymous)
     + models_dir: the Hugging Face cache directory on the host
     + revision: the branch or tag the commit was resolved from (written to ``refs/``)
+    + peer: a host that serves the files on its private address (``gpufleet.deploy.weight_peers``),
+      asked first, file by file, the Hub serving what it cannot
 
     **Example:**
 
@@ -64,7 +71,14 @@ def weights_staged(
     yield StringCommand("mkdir", "-p", QuoteString(MANIFEST_DIR))
     yield FileUploadCommand(StringIO(json.dumps(manifest, indent=1) + "\n"), path)
     token_args = ["--token-file", QuoteString(token_file)] if token_file else []
+    peer_args = []
+    if peer is not None:
+        from gpufleet.deploy import weight_peers
+
+        peer_path = weight_peers.peer_file(commit)
+        yield FunctionCommand(weight_peers.hand_over, (peer, peer_path), {})
+        peer_args = ["--peer-file", QuoteString(peer_path)]
     yield StringCommand(
         "python3", STAGE_SCRIPT, "--manifest", QuoteString(path), "--endpoint",
-        QuoteString(endpoint), *token_args, "--models-dir", QuoteString(models_dir),
+        QuoteString(endpoint), *token_args, "--models-dir", QuoteString(models_dir), *peer_args,
     )
