@@ -532,3 +532,18 @@ def test_snapshot_then_rebuild_from_it(emulator) -> None:
     assert image["id"] == snap["id"] and image["type"] == "snapshot"
     assert rec.calls == [("snapshot", "gfh1", "before-upgrade", snap["id"]),
                          ("rebuild", "gfh2", snap["id"])]
+
+
+def test_a_snapshot_hook_gets_the_new_id_and_gives_the_size(emulator) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def copy_disk(droplet: dict[str, Any], name: str, snapshot_id: int) -> int:
+        seen.append((name, snapshot_id))
+        return 2_860_000_000
+
+    server = emulator([host(1)], Hooks(on_snapshot=copy_disk))
+    action = call(server, "POST", "/v2/droplets/400001/actions",
+                  {"type": "snapshot", "name": "gold"})[2]["action"]
+    wait_for(lambda: _action_status(server, action["id"]) == "completed")
+    snap = call(server, "GET", "/v2/droplets/400001/snapshots")[2]["snapshots"][0]
+    assert seen == [("gold", snap["id"])] and snap["size_gigabytes"] == 2.86

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from gpufleet.fleet.known_hosts import HostKey, names_address
 from tests.e2e.conftest import API, GOOD
 from tests.e2e.lab import Converged, Lab
@@ -24,7 +26,19 @@ def _entries(text: str, addresses: list[str], mine: bool) -> list[str]:
     return [ln for ln in text.splitlines() if names_address(ln, addresses) == mine]
 
 
-def test_rebuild_brings_a_wiped_droplet_back_on_the_same_release(lab: Lab, deployed: Converged,
+@pytest.fixture
+def rebuildable(first_deploy: Converged) -> Converged:
+    """The host to rebuild as the first deploy left it, and another good host serving (the
+    peer its weights come from; on whichever release the tests before left it)."""
+    first_deploy.restore([NAME])
+    others = [n for n in GOOD if n != NAME]
+    if not any(first_deploy.lab.fingerprint(n).serving for n in others):
+        first_deploy.restore(others[:1])
+    return first_deploy
+
+
+def test_rebuild_brings_a_wiped_droplet_back_on_the_same_release(lab: Lab,
+                                                                 rebuildable: Converged,
                                                                  monkeypatch):
     monkeypatch.setenv("VLLM_API_KEY", API)  # the first deploy's key: the same release
     host = lab.host(NAME)

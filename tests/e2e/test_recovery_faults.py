@@ -159,6 +159,17 @@ def gpufleet_json(lab: Lab, *args: str) -> tuple[int, dict, str]:
     return proc.returncode, json.loads(proc.stdout or "{}"), proc.stderr
 
 
+def test_a_snapshot_whose_api_action_errors_leaves_the_host_serving(rf_lab, env):
+    name = SERVING[1]
+    knob(rf_lab, "/_lab/actions", {"outcome": "errored"})  # the power-off
+    rc, doc, log = gpufleet_json(rf_lab, "snapshot", "inventories/do.py", name)
+    assert rc == 1, log
+    assert "errored" in doc["message"] and "it serves again" in doc["message"], doc
+    assert "Traceback" not in log
+    assert chat(rf_lab.host(name).public_ip, API)["choices"]
+    assert doc["snapshot"]["snapshot_id"] is None
+
+
 def test_a_golden_snapshot_leaves_the_secrets_out_and_a_rebuild_from_it_only_starts(rf_lab,
                                                                                      env):
     from gpufleet_lab import hosts as lab_hosts

@@ -22,10 +22,10 @@ import shlex
 import time
 from dataclasses import dataclass
 
-from gpufleet.clients.digitalocean import Action, DigitalOceanError
+from gpufleet.clients.digitalocean import Action, DigitalOceanClient, DigitalOceanError
 from gpufleet.fleet import recovery
 from gpufleet.fleet import session as fleet_session
-from gpufleet.fleet.report import OK, RolloutError
+from gpufleet.fleet.report import OK, Events, RolloutError
 from gpufleet.model import names
 
 SNAPSHOT_PHASES = ("scrub", "power off", "snapshot", "power on")
@@ -57,8 +57,9 @@ class GoldenSnapshot(recovery.Recovery):
 
     deploy_hint = " (the snapshot is taken)"
 
-    def __init__(self, *args: object, name: str, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, opts: recovery.RebuildOptions, events: Events | None = None,
+                 client: DigitalOceanClient | None = None, *, name: str) -> None:
+        super().__init__(opts, events, client)
         self.snapshot = SnapshotResult(name=name)
 
     def _plan(self, fleet: int) -> None:
@@ -78,11 +79,16 @@ class GoldenSnapshot(recovery.Recovery):
         try:
             self._take(session, name)
         except (DigitalOceanError, RolloutError) as e:
-            hr.result = recovery.FAILED
-            hr.detail = str(e)
+            failure = str(e)
+            self.events.emit(name, f"failed: {failure}")
+            if self.snapshot.scrubbed:  # its server is stopped, its secrets gone: back to serving
+                self._deploy(session, [name])
+                back = ("it serves again" if hr.result == recovery.REBUILT
+                        else f"and the deploy to bring it back failed too: {hr.detail}")
+                failure = f"{failure}; {back}"
+            hr.result, hr.detail = recovery.FAILED, failure
             report.result, report.exit_code = "failed", recovery.FAILED_WITHIN_LIMIT
-            report.message = hr.detail
-            self.events.emit(name, f"failed: {hr.detail}")
+            report.message = failure
             return
         self._deploy(session, [name])
         if hr.result == recovery.REBUILT:
@@ -121,8 +127,7 @@ class GoldenSnapshot(recovery.Recovery):
                 back = "it is powered on again"
             except DigitalOceanError as again:
                 back = f"powering it on failed too ({again}): power it on in the console"
-            raise DigitalOceanError(f"the snapshot of {name} failed: {e}; {back}, and the "
-                                    "deploy puts its secrets back") from None
+            raise DigitalOceanError(f"the snapshot of {name} failed: {e}; {back}") from None
         found = [s for s in self.client.list_snapshots(hr.droplet_id)
                  if s.name == self.snapshot.name]
         if found:
@@ -144,9 +149,7 @@ class GoldenSnapshot(recovery.Recovery):
     def _action(self, host: str, phase: str, kind: str, **params: str) -> Action:
         hr = self.report.host(host)
         t0 = time.monotonic()
-        action = self.client.droplet_action(hr.droplet_id, kind, **params)
-        done = self.client.wait_action(action.id, timeout=self.opts.action_timeout,
-                                       interval=self.opts.poll)
+        done = self._follow(host, self.client.droplet_action(hr.droplet_id, kind, **params))
         hr.phases[phase] = time.monotonic() - t0
         self.events.emit(host, f"{kind} action {done.id} completed ({hr.phases[phase]:.0f}s)")
         return done

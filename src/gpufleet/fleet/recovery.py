@@ -19,6 +19,7 @@ never taken down unless ``force``; a drill (one host, on purpose) never takes it
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -359,22 +360,25 @@ class Recovery:
         return True
 
     def _follow(self, name: str, action: Action) -> Action:
+        """The action, once ``completed``; polled after 1, 2, 3 s, then every ``poll`` s (a
+        short action is timed to the second, a long one costs few API calls)."""
         deadline = time.monotonic() + self.opts.action_timeout
-        last = action.status
-        while True:
+        last, kind = action.status, action.type or "the"
+        for waited in itertools.count(1):
             if action.status == "completed":
                 return action
             if action.status == "errored":
-                raise DigitalOceanError(f"rebuild action {action.id} errored")
+                raise DigitalOceanError(f"{kind} action {action.id} errored")
             if time.monotonic() > deadline:
                 raise DigitalOceanError(
-                    f"rebuild action {action.id} still {action.status} after "
+                    f"{kind} action {action.id} still {action.status} after "
                     f"{self.opts.action_timeout:.0f}s")
-            time.sleep(self.opts.poll)
+            time.sleep(min(float(waited), self.opts.poll))
             action = self.client.get_action(action.id)
             if action.status != last and action.status != "completed":
                 last = action.status
-                self.events.emit(name, f"rebuild action {action.id} {action.status}")
+                self.events.emit(name, f"{kind} action {action.id} {action.status}")
+        raise AssertionError("unreachable")
 
     def _wait_for_key(self, address: str, port: int) -> known_hosts.HostKey | None:
         deadline = time.monotonic() + self.opts.ssh_timeout
@@ -412,6 +416,7 @@ class Recovery:
                 hr.detail = (f"the deploy after the {self.opts.command} failed: {why}; fix it "
                              f"and run pyinfra {self.opts.inventory} {self.opts.deploy} "
                              f"--limit {name}" + self.deploy_hint)
+
 
 @contextmanager
 def peer_offered(session: fleet_session.FleetSession, healthy: Sequence[str],
