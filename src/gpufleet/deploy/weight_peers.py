@@ -9,8 +9,9 @@ When a deploy is defined for a host that does not have the weights yet, it gets 
   ``hostscripts/weights_peer.py``, started over the peer's own SSH connection when the first
   host asks, for as long as this run lives, behind a bearer token made for this run. The host's
   stager asks it first and verifies every file against the manifest (``stage_weights.py``).
-* **the Hub**, when it is the first such host (it becomes the peer of the hosts after it), or
-  when no host of the run can serve (no private address, a host that fails its checks).
+* **the Hub**, when it is the first such host (pyinfra defines the hosts' deploys in parallel:
+  the first to get here; it becomes the peer of the hosts after it), or when no host of the run
+  can serve (no private address, a host that fails its checks).
 
 The peer's token reaches the asking host as a root-only file, written only once the peer
 serves (so a peer that cannot serve costs nothing: the stager goes to the Hub at once).
