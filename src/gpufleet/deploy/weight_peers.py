@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
+import posixpath
 import secrets as pysecrets
 import shlex
 import threading
@@ -33,8 +33,8 @@ from typing import Any
 from pyinfra.api import State
 from pyinfra.api.host import Host
 
+from gpufleet.facts.weights import marker_path
 from gpufleet.fleet import run_lock
-from gpufleet.model import names
 from gpufleet.model.secrets import Secret
 
 PORT = 8790  # the peer's port on its private address (open it between the droplets)
@@ -95,11 +95,9 @@ def _start(peer: Peer) -> tuple[PeerServer | None, str | None]:
     address = private_address(peer.host)
     if address is None:
         return None, "no private address"
-    from gpufleet.hostscripts.stage_weights import marker_path, repo_dir
-
-    args = ["serve", "--repo-dir", repo_dir(peer.models_dir, peer.model), "--bind", address,
-            "--port", str(PORT), "--marker", marker_path(peer.models_dir, peer.model,
-                                                         peer.commit)]
+    marker = marker_path(peer.models_dir, peer.model, peer.commit)  # <repo>/.gpufleet/<commit>
+    args = ["serve", "--repo-dir", posixpath.dirname(posixpath.dirname(marker)), "--bind",
+            address, "--port", str(PORT), "--marker", marker]
     try:
         opened = run_lock.open_channel(peer.state, peer.host, args, body=script())
         if opened is None:
@@ -123,7 +121,7 @@ _SERVERS: list[PeerServer] = []
 # (the run's state, model, commit, models_dir) -> its peer: each pyinfra state (a rollout's
 # preflight, each batch) picks its own; a peer offered from outside serves them all
 _PEERS: dict[tuple[int, str, str, str], Peer] = {}
-_OFFERED: list[tuple[State, Host]] = []
+_OFFERED: list[tuple[State, Host]] = []  # at most one: the host a rebuild offers
 _OFFERED_PEERS: dict[tuple[str, str, str], Peer] = {}
 
 
@@ -168,11 +166,6 @@ def peer_for(state: State, host: Host, model: str, commit: str, models_dir: str,
     return None
 
 
-def peer_file(commit: str) -> str:
-    """Where the asking host finds the peer's URL and token (removed by the stager)."""
-    return f"{names.SECRETS_DIR}/weights-peer-{commit[:12]}.json"
-
-
 def hand_over(state: State, host: Host, peer: Peer, path: str) -> bool:
     """Run as the staging operation runs on ``host`` (a pyinfra FunctionCommand): start the
     peer's server if it is not up, then write its URL and token to ``path`` on ``host``
@@ -185,11 +178,8 @@ def hand_over(state: State, host: Host, peer: Peer, path: str) -> bool:
 
     doc = json.dumps({"url": url, "token": peer.token.reveal(), "peer": peer.name})
     args = connector_args(state, host)
-    tmp = f"{path}.gpufleet-new"
-    quoted = shlex.quote(os.path.dirname(path))
-    ok, _ = host.run_shell_command(f"install -d -m 700 -o root -g root {quoted}",
-                                   print_output=False, **args)
-    if ok and host.put_file(StringIO(doc), tmp, print_output=False, **args):
+    tmp = f"{path}.gpufleet-new"  # in the 0700 secrets directory the env file's operation made
+    if host.put_file(StringIO(doc), tmp, print_output=False, **args):
         host.run_shell_command(f"chmod 600 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} "
                                f"{shlex.quote(path)}", print_output=False, **args)
     host.log(f"weights: from peer {peer.name} ({url}), the Hub for what it lacks")

@@ -46,7 +46,7 @@ def scrub_command(service: str) -> str:
     secrets = [names.env_file(service), names.hf_token_file(service)]
     inner = (f"systemctl disable --now {shlex.quote(unit)} && "
              f"rm -f {' '.join(map(shlex.quote, secrets))} "
-             f"{shlex.quote(names.SECRETS_DIR)}/weights-peer-*.json && sync")
+             f"{names.WEIGHTS_PEER_FILES} && sync")
     return (f"mkdir -p {shlex.quote(names.service_dir(service))} && "
             f"flock -n -E {LOCK_HELD_EXIT} {shlex.quote(names.lock_path(service))} "
             f"sh -c {shlex.quote(inner)}")

@@ -337,6 +337,10 @@ class StageError(Exception):
     """Staging stops: the message says why and what to do."""
 
 
+class NoSpace(StageError):
+    """The disk is full: no source can help."""
+
+
 class Repo:
     """Where one model's files go in the Hugging Face cache layout, at one commit."""
 
@@ -367,7 +371,7 @@ class Repo:
 
     def no_space(self, f: dict, rest: list[dict]) -> StageError:
         left = self.missing(f) + sum(self.missing(g) for g in rest)
-        return StageError(disk_space_message(self.models_dir, self.model, self.commit, left,
+        return NoSpace(disk_space_message(self.models_dir, self.model, self.commit, left,
                                              shutil.disk_usage(self.models_dir).free, f["path"]))
 
 
@@ -425,9 +429,9 @@ def _from_peer(repo: Repo, f: dict, peer: dict, rest: list[dict],
     url = f"{peer['url'].rstrip('/')}/blobs/{blob}"
     try:
         fetched, _ = _download_with_resume(repo, f, url, peer["token"], rest, sleep, attempts=2)
+    except NoSpace:
+        raise
     except StageError as e:
-        if "not enough disk space" in str(e):
-            raise
         say(f"{f['path']}: peer {peer['url']}: {e}; asking the Hub")
         return None
     part = repo.part_of(f)

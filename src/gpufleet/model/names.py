@@ -43,6 +43,14 @@ def hf_token_file(service: str) -> str:
     return f"{SECRETS_DIR}/{service}.hf-token"
 
 
+def weights_peer_file(commit: str) -> str:
+    """Where a host finds the peer its weights come from, URL and token (the stager removes it)."""
+    return f"{SECRETS_DIR}/weights-peer-{commit[:12]}.json"
+
+
+WEIGHTS_PEER_FILES = f"{SECRETS_DIR}/weights-peer-*.json"  # a shell glob of them
+
+
 def service_dir(service: str) -> str:
     return f"{STATE_ROOT}/{service}"
 

@@ -10,7 +10,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, FunctionCommand, QuoteString, StringCommand, operation
 
 from gpufleet.facts.weights import WeightsStaged
-from gpufleet.model.names import MANIFEST_DIR, STAGE_SCRIPT, manifest_path
+from gpufleet.model.names import MANIFEST_DIR, STAGE_SCRIPT, manifest_path, weights_peer_file
 
 if TYPE_CHECKING:
     from gpufleet.deploy.weight_peers import Peer
@@ -75,7 +75,7 @@ def weights_staged(
     if peer is not None:
         from gpufleet.deploy import weight_peers
 
-        peer_path = weight_peers.peer_file(commit)
+        peer_path = weights_peer_file(commit)
         yield FunctionCommand(weight_peers.hand_over, (peer, peer_path), {})
         peer_args = ["--peer-file", QuoteString(peer_path)]
     yield StringCommand(
