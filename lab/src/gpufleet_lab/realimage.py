@@ -48,6 +48,8 @@ SUITE = "bookworm"
 PACKAGES = ("python3", "python3-venv", "python3-dev", "g++", "libnuma1")
 RECIPE_REV = 1  # bump when the recipe changes (invalidates the cached layer)
 COMPRESSLEVEL = 1  # a 2.5 GB layer: level 1 is several times faster and only ~10 % larger
+# the registry serves the layer as plain tar (a pull then skips gunzip: see README, The lab)
+SERVE_UNCOMPRESSED = True
 VENV = "/opt/vllm"
 
 ENTRYPOINT_WRAPPER = f"""#!/bin/sh
@@ -193,6 +195,8 @@ def build_real_image(image_dir: Path, cache_dir: Path = hosts.CACHE_DIR, *,
             layer = _build_layer(Path(image_dir), blobs_dir, mirrors, wheels, log)
             layer_file.parent.mkdir(parents=True, exist_ok=True)
             layer_file.write_text(json.dumps(layer, indent=2, sort_keys=True) + "\n")
+        if SERVE_UNCOMPRESSED:
+            layer = images.uncompressed_layer(layer, blobs_dir)
         return images.assemble_image(blobs_dir, layer, tag=tag, version=realvllm.VERSION,
                                      config=image_config(layer["diff_id"]))
 
