@@ -152,7 +152,8 @@ def test_host_lost_mid_deploy_is_reported_with_operation_and_reason(hc_lab, depl
     text = strip_ansi(log.read_text())
     assert rc != 0, text[-3000:]
     line = next((ln for ln in text.splitlines() if "lost at operation" in ln), "")
-    assert line.strip().startswith(f"{NAME}: lost at operation \"Endpoint answers on :8000"), \
+    assert line.strip().startswith(
+        f"{NAME}: lost at operation \"Endpoint answers at http://127.0.0.1:8000"), \
         text[-3000:]
     assert "the host did not answer on port 22 since " in line
     if how == "link-cut":  # the watchdog noticed: the SSH connection would hang

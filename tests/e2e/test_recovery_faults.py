@@ -180,7 +180,9 @@ def test_a_golden_snapshot_leaves_the_secrets_out_and_a_rebuild_from_it_only_sta
     assert rc == 0, log + json.dumps(doc, indent=1)
     snap = doc["snapshot"]
     assert snap["name"] == "gold" and snap["size_gigabytes"] > 0
-    assert snap["scrubbed"] == ["/etc/gpufleet/llama3.env", "/etc/gpufleet/llama3.hf-token"]
+    assert snap["scrubbed"] == ["/etc/gpufleet/llama3.env", "/etc/gpufleet/llama3.hf-token",
+                                "/etc/gpufleet/llama3.front-keys.conf",
+                                "/etc/gpufleet/llama3.tls.key"]
     phases = doc["hosts"][0]["phases"]
     assert list(phases)[:4] == ["scrub", "power off", "snapshot", "power on"], phases
     # what the snapshot holds: the staged weights and the pulled image, no secret anywhere
@@ -209,8 +211,10 @@ def test_a_golden_snapshot_leaves_the_secrets_out_and_a_rebuild_from_it_only_sta
     assert host["release_after"] == release and host["result"] == "rebuilt", host
     # only the secrets written back and the server started
     assert not [op for op in host["changed"] if op.startswith(("Image ", "Weights ", "Docker ",
-                                                               "NVIDIA ", "daemon.json"))], host
+                                                               "NVIDIA ", "daemon.json",
+                                                               "nginx (the front)"))], host
     assert any(op.startswith("Env file") for op in host["changed"]), host
+    assert any(op.startswith("Front key check") for op in host["changed"]), host
     assert chat(rf_lab.host(lost).public_ip, API)["choices"]
     serving_untouched_but(env, lost)
 

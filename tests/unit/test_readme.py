@@ -47,7 +47,7 @@ def test_dataclass_defaults_are_the_tables():
 
 def test_the_types_drive_validation():
     base = {"service": "a", "model": "o/m", "image": "i:1"}
-    given = spec.build_spec({**base, "port": "8001", "gpu_memory_utilization": "0.5",
+    given = spec.build_spec({**base, "port": "8002", "gpu_memory_utilization": "0.5",
                              "enable_prefix_caching": "no", "max_num_seqs": None})
     assert (given.port, given.gpu_memory_utilization, given.enable_prefix_caching,
-            given.max_num_seqs) == (8001, 0.5, False, None)
+            given.max_num_seqs) == (8002, 0.5, False, None)

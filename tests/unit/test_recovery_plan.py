@@ -68,7 +68,7 @@ def test_a_golden_snapshot_takes_its_host_out_of_service_so_not_the_last_healthy
         snapshot_plan(set(), service=None)
 
 
-def test_the_scrub_holds_the_run_lock_and_removes_both_secrets():
+def test_the_scrub_holds_the_run_lock_and_removes_every_secret():
     import shlex
 
     from gpufleet.fleet.golden import LOCK_HELD_EXIT, scrub_command
@@ -79,6 +79,7 @@ def test_the_scrub_holds_the_run_lock_and_removes_both_secrets():
                                 "/var/lib/gpufleet/llama3/lock"]
     inner = words[-1]
     assert inner.startswith("systemctl disable --now gpufleet-llama3.service && rm -f ")
-    assert "/etc/gpufleet/llama3.env /etc/gpufleet/llama3.hf-token /etc/gpufleet/weights-peer-*" \
-        in inner
+    assert ("/etc/gpufleet/llama3.env /etc/gpufleet/llama3.hf-token "
+            "/etc/gpufleet/llama3.front-keys.conf /etc/gpufleet/llama3.tls.key "
+            "/etc/gpufleet/weights-peer-*") in inner
     assert inner.endswith("&& sync")

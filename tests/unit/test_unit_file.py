@@ -28,7 +28,7 @@ def test_unit_runs_the_pinned_image_with_gpu_flags():
         "--runtime nvidia",
         "--gpus all",
         "--ipc=host",
-        "-p 0.0.0.0:8000:8000",
+        "-p 127.0.0.1:8001:8000",  # behind the front, never on the host's addresses
         "-v /opt/models:/root/.cache/huggingface",
         "-v /etc/gpufleet/llama3.env:/run/gpufleet/service.env:ro",
         "--entrypoint /bin/sh vllm/vllm-openai:v0.11.0",
@@ -96,8 +96,8 @@ def test_a_value_that_got_past_validation_is_still_one_argument():
         render_unit(dataclasses.replace(SPEC, model="a/b\nExecStartPre=/x"))
 
 
-def test_ipv6_bind_address_is_bracketed():
+def test_vllm_stays_on_the_loopback_whatever_the_fronts_address():
     spec = build_spec({"service": "llama3", "model": "a/b", "image": "vllm/vllm-openai:v0.11.0",
-                       "bind_address": "::1"})
+                       "bind_address": "::1", "vllm_port": 9001})
     argv = systemd_split(settings(render_unit(spec), "ExecStart")[0])
-    assert argv[argv.index("-p") + 1] == "[::1]:8000:8000"
+    assert argv[argv.index("-p") + 1] == "127.0.0.1:9001:8000"

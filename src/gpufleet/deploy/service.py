@@ -23,6 +23,7 @@ from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
 from gpufleet.clients import hub
+from gpufleet.deploy import front as service_front
 from gpufleet.deploy import unit_file as render
 from gpufleet.deploy import weight_peers
 from gpufleet.facts.nvidia import NvidiaGpus
@@ -30,7 +31,7 @@ from gpufleet.facts.weights import WeightsStaged
 from gpufleet.fleet import lost_hosts
 from gpufleet.fleet import run_lock as hostlock
 from gpufleet.fleet.deploy_results import DeployResult, hand_back
-from gpufleet.model import image_cuda, names
+from gpufleet.model import front, image_cuda, names
 from gpufleet.model import secrets as service_secrets
 from gpufleet.model.gpus import compute_floor
 from gpufleet.model.model_shape import ModelShape
@@ -120,7 +121,8 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     _gpus_and_docker(spec, plan, driver_refusal)
     checks_pass = plan is not None and plan.fits and driver_refusal is None
     env_file = _storage_image_and_secrets(spec, secrets, shape, hub_endpoint, checks_pass)
-    return _service_verified_and_recorded(spec, secrets, shape, plan, env_file)
+    front_changes = service_front.configured(spec, secrets)
+    return _service_verified_and_recorded(spec, secrets, shape, plan, env_file, front_changes)
 
 
 def host_image(spec: ServiceSpec) -> tuple[ServiceSpec, str | None]:
@@ -172,6 +174,7 @@ def _gpus_and_docker(spec: ServiceSpec, plan: planner.Plan | None,
         _if=daemon.did_change,
     )
     docker.default_runtime(name="docker info: default runtime is nvidia", runtime="nvidia")
+    service_front.installed()
 
 
 def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
@@ -187,7 +190,7 @@ def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.Servi
 
     pyinfra_docker.image(name=f"Image {spec.image}", image=spec.image, present=True)
     # the server gets only its API key; the Hub token is for the weight staging alone
-    both = [spec.env_file, spec.hf_token_file]  # read with one fact command
+    both = service_front.secret_paths(spec)  # every secret file, read with one fact command
     env_file = vllm.secret_file(
         name=f"Env file {spec.env_file} (0600, API key)", path=spec.env_file,
         content=secrets.server_env(), read_with=both,
@@ -221,9 +224,9 @@ def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.Servi
 
 def _service_verified_and_recorded(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
                                    shape: ModelShape | None, plan: planner.Plan | None,
-                                   env_file: Any) -> DeployResult:
-    """The unit, (re)started only when it or the env file changed, the health gate, then the
-    release record."""
+                                   env_file: Any, front_changes: list[Any]) -> DeployResult:
+    """The unit, (re)started only when it or the env file changed, the front applied (after
+    vLLM left the public port), the health gate through the front, then the release record."""
     commit = shape.commit if shape else None
     unit = files.put(
         name=f"systemd unit {spec.unit_name}",
@@ -239,9 +242,10 @@ def _service_verified_and_recorded(spec: ServiceSpec, secrets: service_secrets.S
         name=f"{spec.unit_name} enabled and running", service=spec.unit_name,
         running=True, enabled=True,
     )
+    service_front.applied(front_changes)
     health_gate = vllm.endpoint_verified(
-        name=f"Endpoint answers on :{spec.port} as {spec.name_served!r}",
-        port=spec.port, served_name=spec.name_served, env_file=spec.env_file,
+        name=f"Endpoint answers at {front.local_url(spec)} as {spec.name_served!r}",
+        url=front.local_url(spec), served_name=spec.name_served, env_file=spec.env_file,
         container=spec.container_name, unit=spec.unit_name, timeout=spec.cold_start_timeout,
     )
     # only reached when the health gate passed: a release that never answered is never current

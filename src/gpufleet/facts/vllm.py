@@ -12,7 +12,8 @@ from gpufleet.model.names import VERIFY_SCRIPT
 
 class VllmEndpoint(FactBase[dict]):
     """
-    Returns one quick probe of the local vLLM endpoint: ``/health``, then ``/v1/models`` must list
+    Returns one quick probe of the service's endpoint on the host (its front, ``url``):
+    ``/health``, then ``/v1/models`` must list
     the served name, then a one-line chat completion with the API key read (on the host) from
     the env file. Always exits 0.
 
@@ -22,11 +23,11 @@ class VllmEndpoint(FactBase[dict]):
     """
 
     @override
-    def command(self, port: int, served_name: str, env_file: str, container: str,
+    def command(self, url: str, served_name: str, env_file: str, container: str,
                 unit: str) -> StringCommand:
         return StringCommand(
             "if [ -f", VERIFY_SCRIPT, "]; then", "python3", VERIFY_SCRIPT, "--quick",
-            "--port", QuoteString(str(port)), "--served-name", QuoteString(served_name),
+            "--url", QuoteString(url), "--served-name", QuoteString(served_name),
             "--env-file", QuoteString(env_file), "--container", QuoteString(container),
             "--unit", QuoteString(unit), "2>/dev/null", "||", "true;", "fi",
         )

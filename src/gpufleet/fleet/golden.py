@@ -43,7 +43,7 @@ class SnapshotResult:
 def scrub_command(service: str) -> str:
     """Stop the server and remove the secrets, holding the run lock (exit 75: a run holds it)."""
     unit = names.unit_name(service)
-    secrets = [names.env_file(service), names.hf_token_file(service)]
+    secrets = names.secret_files(service)
     inner = (f"systemctl disable --now {shlex.quote(unit)} && "
              f"rm -f {' '.join(map(shlex.quote, secrets))} "
              f"{names.WEIGHTS_PEER_FILES} && sync")
@@ -115,7 +115,7 @@ class GoldenSnapshot(recovery.Recovery):
             raise RolloutError(f"could not stop the server and remove its secrets on {name}: "
                                + (" ".join(lines)[-500:] or "no output")
                                + "; if a gpufleet run holds the lock, wait for it to end")
-        self.snapshot.scrubbed = (names.env_file(service), names.hf_token_file(service))
+        self.snapshot.scrubbed = names.secret_files(service)
         hr.phases["scrub"] = time.monotonic() - t0
         self.events.emit(name, f"server stopped, secrets removed ({hr.phases['scrub']:.0f}s)")
         self._action(name, "power off", "shutdown")

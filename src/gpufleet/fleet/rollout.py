@@ -154,10 +154,10 @@ def restore_release(service: str, targets: Mapping[str, str]) -> DeployResult:
                     running=True, restarted=True, _if=unit.did_change)
     systemd.service(name=f"{unit_name} enabled and running", service=unit_name, running=True,
                     enabled=True)
-    port = int(record.get("port", 8000))
+    url = releases.endpoint_of(record)
     served = str(record.get("served_name", ""))
     gate = vllm.endpoint_verified(
-        name=f"Endpoint answers on :{port} as {served!r}", port=port, served_name=served,
+        name=f"Endpoint answers at {url} as {served!r}", url=url, served_name=served,
         env_file=record.get("env_file", names.env_file(service)),
         container=record.get("container", names.container_name(service)), unit=unit_name,
         timeout=int(record.get("cold_start_timeout", 1200)),

@@ -4,6 +4,9 @@
     gpufleet-<service>                                 its container
     /etc/gpufleet/<service>.env                        the server's env file (VLLM_API_KEY), 0600
     /etc/gpufleet/<service>.hf-token                   the Hub token for the staging, 0600
+    /etc/gpufleet/<service>.front-keys.conf            the front's key check (nginx), 0600
+    /etc/gpufleet/<service>.tls.{crt,key}              the front's certificate and key (TLS)
+    /etc/nginx/conf.d/gpufleet-<service>.conf          the front: nginx on the public port
     /var/lib/gpufleet/<service>/                       releases, run lock, audit log
     /usr/local/lib/gpufleet/                           gpufleet's host scripts
 """
@@ -41,6 +44,31 @@ def env_file(service: str) -> str:
 def hf_token_file(service: str) -> str:
     """The Hub token, for the weight staging only (never the server's)."""
     return f"{SECRETS_DIR}/{service}.hf-token"
+
+
+def front_keys_file(service: str) -> str:
+    """The front's key check, holding the API key, root-only (nginx's master process reads it
+    as root; its workers never do)."""
+    return f"{SECRETS_DIR}/{service}.front-keys.conf"
+
+
+def front_site(service: str) -> str:
+    """The front's nginx server (no secret in it; Debian's nginx.conf includes conf.d)."""
+    return f"/etc/nginx/conf.d/gpufleet-{service}.conf"
+
+
+def tls_certificate_file(service: str) -> str:
+    return f"{SECRETS_DIR}/{service}.tls.crt"
+
+
+def tls_key_file(service: str) -> str:
+    return f"{SECRETS_DIR}/{service}.tls.key"
+
+
+def secret_files(service: str) -> tuple[str, ...]:
+    """Every file of the service that holds a secret (a golden snapshot removes them all)."""
+    return (env_file(service), hf_token_file(service), front_keys_file(service),
+            tls_key_file(service))
 
 
 def weights_peer_file(commit: str) -> str:

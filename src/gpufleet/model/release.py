@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from gpufleet.model import front
 from gpufleet.model.names import (  # noqa: F401 (the paths of releases on a host)
     audit_log,
     lock_holder_path,
@@ -92,6 +93,7 @@ class Release:
     env_file: str
     container: str
     cold_start_timeout: int
+    endpoint: str = ""  # the front's URL on the host itself (``gpufleet.model.front.local_url``)
 
     def record(self, created: str | None = None, by: str | None = None) -> dict[str, Any]:
         """The ``release.json`` written on the host."""
@@ -129,7 +131,14 @@ def release_for(spec: ServiceSpec, unit: str, env_sha256: str, revision: str | N
         env_file=spec.env_file,
         container=spec.container_name,
         cold_start_timeout=spec.cold_start_timeout,
+        endpoint=front.local_url(spec),
     )
+
+
+def endpoint_of(record: Mapping[str, Any]) -> str:
+    """Where a recorded release answers on its host (a record from before the front: vLLM's
+    own port on the host's loopback)."""
+    return str(record.get("endpoint") or f"http://127.0.0.1:{int(record.get('port', 8000))}")
 
 
 def dumps(doc: Mapping[str, Any]) -> str:

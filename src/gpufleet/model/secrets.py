@@ -16,6 +16,7 @@ Both hold shell assignments (``KEY='value'``).
 from __future__ import annotations
 
 import os
+import re
 import secrets as _random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,17 @@ def _check_value(name: str, value: str) -> str:
     return value
 
 
+_BEARER = re.compile(r"[A-Za-z0-9._~+/-]+=*", re.ASCII)  # RFC 6750's b64token
+
+
+def _check_bearer(value: str) -> str:
+    if not _BEARER.fullmatch(value):
+        raise SecretError("VLLM_API_KEY must be a bearer token: letters, digits and - . _ ~ + /, "
+                          "then = padding (the front compares the Authorization header with it); "
+                          "set another key")
+    return value
+
+
 def hf_token(environ: Mapping[str, str]) -> Secret | None:
     """The Hugging Face token from HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN)."""
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
@@ -98,7 +110,7 @@ def api_key(service: str, environ: Mapping[str, str]) -> Secret:
     kept (0600) in the controller's state dir, so every run and every host use the same key."""
     given = environ.get("VLLM_API_KEY")
     if given:
-        return Secret(_check_value("VLLM_API_KEY", given.strip()))
+        return Secret(_check_bearer(_check_value("VLLM_API_KEY", given.strip())))
     path = state_dir(environ) / "secrets" / f"{service}.api-key"
     try:
         return Secret(path.read_text(encoding="utf-8").strip())

@@ -116,6 +116,10 @@ class ServiceSpec:
     kv_cache_dtype: str = DEFAULTS["kv_cache_dtype"]
     port: int = DEFAULTS["port"]
     bind_address: str = DEFAULTS["bind_address"]
+    vllm_port: int = DEFAULTS["vllm_port"]
+    tls_certificate: str | None = DEFAULTS["tls_certificate"]
+    tls_key: str | None = DEFAULTS["tls_key"]
+    metrics_from: tuple[str, ...] = DEFAULTS["metrics_from"]
     served_model_name: str | None = DEFAULTS["served_model_name"]
     gpu_memory_utilization: float | None = DEFAULTS["gpu_memory_utilization"]
     kv_cache_memory: str = DEFAULTS["kv_cache_memory"]
@@ -161,9 +165,13 @@ class ServiceSpec:
 
     @property
     def publish(self) -> str:
-        """docker's ``-p`` value: host address (IPv6 in brackets), host port, container port."""
-        address = f"[{self.bind_address}]" if ":" in self.bind_address else self.bind_address
-        return f"{address}:{self.port}:{self.port}"
+        """docker's ``-p`` value: vLLM on the host's loopback only, behind the front (vLLM's own
+        key leaves routes open: ``gpufleet.model.front``)."""
+        return f"127.0.0.1:{self.vllm_port}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certificate is not None
 
     @property
     def min_compute_capability(self) -> tuple[int, int]:
@@ -184,6 +192,7 @@ class ServiceSpec:
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["extra_args"] = list(self.extra_args)
+        data["metrics_from"] = list(self.metrics_from)
         data["container_env"] = dict(self.container_env)
         return data
 
@@ -557,6 +566,7 @@ def _validate(spec: ServiceSpec, source: str) -> None:
     if address is None or "%" in spec.bind_address or str(address) != spec.bind_address:
         fail("bind_address", f"must be an IP address such as 0.0.0.0 or 127.0.0.1, "
                              f"got {_show(spec.bind_address)}")
+    _validate_front(spec, fail)
     for key in ("max_model_len", "max_num_seqs", "tensor_parallel_size"):
         value = getattr(spec, key)
         if value is not None and value < 1:
@@ -593,6 +603,37 @@ def _validate(spec: ServiceSpec, source: str) -> None:
     problem = vllm_flags.check_extra_args(spec.extra_args)
     if problem:
         fail("extra_args", problem)
+
+
+def _validate_front(spec: ServiceSpec, fail: Any) -> None:
+    """vLLM's loopback port, the front's TLS files and who may read its metrics."""
+    if not 1 <= spec.vllm_port <= 65535 or spec.vllm_port == 22:
+        fail("vllm_port", f"must be between 1 and 65535 and not 22, got {spec.vllm_port}")
+    if spec.vllm_port == spec.port:
+        fail("vllm_port", f"must differ from port ({spec.port}): the front listens on port and "
+                          "vLLM behind it on 127.0.0.1:vllm_port")
+    if (spec.tls_certificate is None) != (spec.tls_key is None):
+        given, missing = (("tls_certificate", "tls_key") if spec.tls_key is None
+                          else ("tls_key", "tls_certificate"))
+        fail(missing, f"must be set together with {given} (the front's HTTPS needs both)")
+    for key, marker in (("tls_certificate", "-----BEGIN CERTIFICATE-----"),
+                        ("tls_key", "PRIVATE KEY-----")):
+        path = getattr(spec, key)
+        if path is None:
+            continue
+        try:
+            text = Path(path).read_text(encoding="ascii", errors="replace")
+        except OSError as e:
+            fail(key, f"cannot be read on this machine ({path}: {e.strerror or e}); give the "
+                      "path of a PEM file (relative paths are from the working directory)")
+        if marker not in text:
+            fail(key, f"is not a PEM file with a {marker.strip('-')} block: {path}")
+    for network in spec.metrics_from:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            fail("metrics_from", f"must list IP networks such as 10.110.0.0/20 or 192.0.2.7, "
+                                 f"got {_show(network)}")
 
 
 def _validate_image_and_engine(spec: ServiceSpec, source: str, fail: Any) -> None:

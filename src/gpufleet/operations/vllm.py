@@ -80,28 +80,29 @@ def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: 
 
 
 @operation()
-def endpoint_verified(port: int, served_name: str, env_file: str, container: str, unit: str,
+def endpoint_verified(url: str, served_name: str, env_file: str, container: str, unit: str,
                       timeout: int = 1200):
     """
-    Prove the vLLM endpoint answers, from the host itself: ``/health`` 200 within ``timeout``
+    Prove the service's endpoint answers, from the host itself, through its front (``url``): ``/health`` 200 within ``timeout``
     seconds (a cold start takes minutes), ``/v1/models`` lists ``served_name``, and one short chat
     completion succeeds with the API key. A healthy endpoint is a no-op; otherwise this waits,
     and fails the host with the container's last log lines if it does not come up.
 
-    + port: the port vLLM listens on
+    + url: the front as the host reaches it (``http://127.0.0.1:8000``; https: its certificate is
+      not checked, the name is the host's own)
     + served_name: the model name clients use
     + env_file: the root-only env file holding VLLM_API_KEY
     + container: the container name, for its logs
     + unit: the systemd unit, to notice a crash loop early
     + timeout: cold-start budget in seconds
     """
-    probe = host.get_fact(VllmEndpoint, port=port, served_name=served_name, env_file=env_file,
+    probe = host.get_fact(VllmEndpoint, url=url, served_name=served_name, env_file=env_file,
                           container=container, unit=unit)
     if probe.get("ok"):
         host.noop(f"endpoint answers: {probe.get('detail')}")
         return
     yield StringCommand(
-        "python3", VERIFY_SCRIPT, "--wait", QuoteString(str(timeout)), "--port",
-        QuoteString(str(port)), "--served-name", QuoteString(served_name), "--env-file",
+        "python3", VERIFY_SCRIPT, "--wait", QuoteString(str(timeout)), "--url",
+        QuoteString(url), "--served-name", QuoteString(served_name), "--env-file",
         QuoteString(env_file), "--container", QuoteString(container), "--unit", QuoteString(unit),
     )
