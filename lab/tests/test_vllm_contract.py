@@ -14,6 +14,7 @@ twice per run (the module's server, and one for SIGTERM).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -24,11 +25,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gpufleet.hostscripts import service_status
 from gpufleet.model import vllm_args
 from gpufleet.model.spec import KV_CACHE_DTYPES, build_spec
 from gpufleet.model.vllm_version import PINNED_VERSION
@@ -312,16 +315,35 @@ def serve_flags() -> list[str]:
             "--enable-prefix-caching", "--api-key", KEY]
 
 
+@dataclass
+class Engines:
+    """The module's server (the key on its command line) and a second one started at the same
+    moment with the key as gpufleet's unit gives it (VLLM_API_KEY from the env file), for the
+    SIGTERM test: two real cold starts at once take about 60 s here, one after the other 100."""
+
+    main: Server
+    env_key: Server
+
+
 @pytest.fixture(scope="module", params=ENGINES)
-def engine(request: pytest.FixtureRequest, model_dir: Path,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(request.param, tmp_path_factory.mktemp(request.param),
-                    [str(model_dir), *serve_flags()])
+def engines(request: pytest.FixtureRequest, model_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    both = Engines(Server(request.param, tmp, [str(model_dir), *serve_flags()]),
+                   Server(request.param, tmp, [str(model_dir), "--served-model-name", SERVED,
+                                               "--max-model-len", str(MAX_MODEL_LEN)],
+                          {"VLLM_API_KEY": KEY}))
     try:
-        server.wait_healthy()
-        yield server
+        both.main.wait_healthy()
+        yield both
     finally:
-        server.stop()
+        both.main.stop()
+        both.env_key.stop()
+
+
+@pytest.fixture
+def engine(engines: Engines) -> Server:
+    return engines.main
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -331,9 +353,65 @@ def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def cli(kind: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*command(kind), *args], capture_output=True, text=True, timeout=120,
-                          env=clean_env(kind))
+# runs vLLM's own console entry point (vllm.entrypoints.cli.main:main, what bin/vllm calls) on
+# several command lines in one process: importing the real vLLM costs about 10 s each time
+# and parses gpufleet bench's arguments with `vllm bench serve`'s own parser
+CLI_RUNNER = r"""
+import argparse, contextlib, io, json, sys
+from vllm.entrypoints.cli.main import main
+from vllm.benchmarks.serve import add_cli_args
+given = json.loads(sys.stdin.read())
+bench = argparse.ArgumentParser()
+add_cli_args(bench)
+parsed = vars(bench.parse_args(given["bench"]))
+print("##BENCH##" + json.dumps({k: v for k, v in parsed.items() if k in given["keys"]}))
+answers = []
+for argv in given["cli"]:
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = ["vllm", *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    answers.append([code, out.getvalue(), err.getvalue()])
+print("##ANSWERS##" + json.dumps(answers))
+"""
+
+
+def cli_case_lines() -> dict[str, list[str]]:
+    """The command lines the parser tests give ``vllm``, by name (none of them may serve)."""
+    return {
+        "unknown": ["serve", *product_flags(), "--max-num-seq", "8", "--max-num-sequence", "8"],
+        "choice": ["serve", "m", "--dtype", "fp7"],
+        "ambiguous": ["serve", "m", "--max-num", "8"],
+        "removed": ["serve", "m", "--swap-space", "4", "--no-such-flag"],
+    }
+
+
+@functools.cache
+def cli_answers(kind: str) -> dict[str, subprocess.CompletedProcess[str]]:
+    cases = cli_case_lines()
+    if kind == "standin":
+        return {name: subprocess.run([*command(kind), *argv], capture_output=True, text=True,
+                                     timeout=120, env=clean_env(kind))
+                for name, argv in cases.items()}
+    given = {"cli": list(cases.values()), "bench": BENCH_ARGS, "keys": sorted(BENCH_PARSED)}
+    proc = subprocess.run([str(realvllm.venv_python()), "-c", CLI_RUNNER],
+                          input=json.dumps(given), capture_output=True,
+                          text=True, timeout=300, env=clean_env(kind))
+    marked = {mark: ln.removeprefix(mark) for ln in proc.stdout.splitlines()
+              for mark in ("##ANSWERS##", "##BENCH##") if ln.startswith(mark)}
+    assert "##ANSWERS##" in marked, proc.stdout[-2000:] + proc.stderr[-2000:]
+    answers = json.loads(marked["##ANSWERS##"])
+    found = {name: subprocess.CompletedProcess(argv, code, out, proc.stderr + err)
+             for (name, argv), (code, out, err) in zip(cases.items(), answers, strict=True)}
+    found["bench"] = subprocess.CompletedProcess([], 0, marked["##BENCH##"], "")
+    return found
+
+
+def cli(kind: str, case: str) -> subprocess.CompletedProcess[str]:
+    return cli_answers(kind)[case]
 
 
 def product_flags() -> list[str]:
@@ -356,7 +434,7 @@ def product_flags() -> list[str]:
 def test_unknown_flag_is_refused_and_gpufleets_flags_are_taken(kind: str) -> None:
     # argparse names every word it did not take: only the unknown flag may be left, so every
     # flag and value of gpufleet's (and an unambiguous abbreviation) was accepted
-    proc = cli(kind, "serve", *product_flags(), "--max-num-seq", "8", "--max-num-sequence", "8")
+    proc = cli(kind, "unknown")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -368,7 +446,7 @@ def test_unknown_flag_is_refused_and_gpufleets_flags_are_taken(kind: str) -> Non
 
 
 def test_an_invalid_choice_is_refused_by_the_serve_parser(kind: str) -> None:
-    proc = cli(kind, "serve", "m", "--dtype", "fp7")
+    proc = cli(kind, "choice")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-2] == "usage: vllm serve [model_tag] [options]"
@@ -382,12 +460,12 @@ def test_an_ambiguous_abbreviation_and_a_removed_flag_are_refused(
         request.applymarker(pytest.mark.xfail(
             strict=True, reason=f"{vllm_standin.FLAGS_FILE} still lists vLLM "
             f"{vllm_standin.FLAGS_VLLM_VERSION}'s flags: the stand-in takes --swap-space"))
-    proc = cli(kind, "serve", "m", "--max-num", "8")
+    proc = cli(kind, "ambiguous")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(
         "vllm serve: error: ambiguous option: --max-num could match --max-num-batched-tokens, ")
     # gone since v0.11 (the unknown flag after it keeps an engine that takes it from serving)
-    proc = cli(kind, "serve", "m", "--swap-space", "4", "--no-such-flag")
+    proc = cli(kind, "removed")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "vllm: error: unrecognized arguments: --swap-space 4 --no-such-flag")
@@ -498,6 +576,11 @@ def test_metrics_have_the_real_names_types_and_labels(engine: Server) -> None:
                      rf'model_name="{SERVED}"\}} [1-9]', text, re.M)
     assert re.search(rf'^vllm:generation_tokens_total\{{engine="0",model_name="{SERVED}"\}} '
                      r'[1-9]', text, re.M)
+    # what `gpufleet status` reads from this text (hostscripts/service_status.py)
+    gauges = service_status.parse_metrics(text)
+    assert set(gauges) == {"running", "waiting", "kv_cache_usage"}, gauges
+    assert gauges["running"] == 0 and gauges["waiting"] == 0
+    assert 0 <= gauges["kv_cache_usage"] <= 1
 
 
 # ---------------------------------------------------------------- logs and lifecycle
@@ -516,16 +599,15 @@ def test_startup_lines(engine: Server) -> None:
 
 def test_cold_start_and_memory(engine: Server) -> None:
     rss = engine.rss_mib()
-    print(f"\n{engine.kind}: healthy after {engine.ready_s:.1f} s, RSS {rss} MiB "
+    print(f"\n{engine.kind}: healthy after {engine.ready_s:.1f} s (a second server starting "
+          f"alongside), RSS {rss} MiB "
           f"({len(engine.tree())} processes)")
     assert engine.ready_s < (REAL_START_S if engine.kind == "real" else 10)
 
 
-def test_sigterm_exits_zero(kind: str, model_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_exits_zero(engines: Engines) -> None:
     # the key as gpufleet's unit gives it: VLLM_API_KEY from the env file
-    server = Server(kind, tmp_path, [str(model_dir), "--served-model-name", SERVED,
-                                     "--max-model-len", str(MAX_MODEL_LEN)],
-                    {"VLLM_API_KEY": KEY})
+    server = engines.env_key
     try:
         server.wait_healthy()
         assert server.request("GET", "/v1/models", key=None)[0] == 401
@@ -579,3 +661,29 @@ def test_the_standins_fault_messages_are_the_real_ones() -> None:
                      "engine core exited unexpectedly; starting cleanup",
                      "EngineCore encountered an issue. See stack trace"):
         assert fragment in text, fragment
+
+
+def _bench_args() -> list[str]:
+    from gpufleet.fleet import bench
+
+    record = {"id": "r1", "image": "vllm/vllm-openai:v0.32.0", "model": "org/m",
+              "revision": "c" * 40, "served_name": SERVED, "endpoint": "https://127.0.0.1:8000",
+              "quantization": "fp8"}
+    return bench.bench_args(record, bench.Workload(), "r.json")
+
+
+BENCH_ARGS = _bench_args()
+# what the pinned release's parser must read from them
+BENCH_PARSED = {"num_prompts": 100, "max_concurrency": 20, "dataset_name": "random",
+                "random_input_len": 512, "random_output_len": 128, "ignore_eos": True,
+                "save_result": True, "result_filename": "r.json",
+                "metric_percentiles": "50,99", "insecure": True,
+                "base_url": "https://127.0.0.1:8000", "model": SERVED,
+                "metadata": ["release=r1", "quantization=fp8"]}
+
+
+@pytest.mark.realvllm
+def test_the_pinned_vllm_bench_serve_takes_gpufleet_benchs_arguments() -> None:
+    """``gpufleet bench`` passes these to ``vllm bench serve`` inside the pinned image: the
+    release's own parser (run with the CLI checks) takes them and reads what was meant."""
+    assert json.loads(cli("real", "bench").stdout) == BENCH_PARSED

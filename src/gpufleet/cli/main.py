@@ -68,13 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--show", action="store_true", help="print the key itself")
     key.set_defaults(func=cmd_api_key)
 
+    from gpufleet.cli import bench as bench_cli
     from gpufleet.cli import fleet as rollout_cli
     from gpufleet.cli import plan as plan_cli
     from gpufleet.cli import recovery as recovery_cli
+    from gpufleet.cli import status as status_cli
 
     plan_cli.add_parser(sub)
     rollout_cli.add_parser(sub)
     recovery_cli.add_parser(sub)
+    status_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
     return parser
 
 

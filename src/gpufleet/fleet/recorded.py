@@ -21,7 +21,7 @@ def discover_service(state: State, hosts: list[Host], service: str | None = None
         lambda h: get_fact(state, h, RecordedServices, apply_failed_hosts=False), hosts)
     services = {s for v in found.values() if isinstance(v, list) for s in v}
     if len(services) != 1:
-        raise RolloutError("cannot tell which service to roll back: "
+        raise RolloutError("cannot tell which service: "
                            + (f"the hosts have {', '.join(sorted(services))}"
                               if services else "no releases recorded on the hosts")
                            + "; pass --service")

@@ -1,0 +1,72 @@
+"""``gpufleet bench INVENTORY [HOST]``: ``vllm bench serve`` on a host (``gpufleet.fleet.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="vLLM's own benchmark (vllm bench serve, from the pinned "
+                                     "image) against a host, the blog's method by default")
+    p.add_argument("inventory")
+    p.add_argument("host", nargs="?", help="the host (default: the first with a release)")
+    p.add_argument("--service", help="the service (default: the one recorded on the hosts)")
+    p.add_argument("--num-prompts", type=int, default=100, metavar="N")
+    p.add_argument("--concurrency", type=int, default=20, metavar="N")
+    p.add_argument("--input-len", type=int, default=512, metavar="TOKENS")
+    p.add_argument("--output-len", type=int, default=128, metavar="TOKENS")
+    p.add_argument("--compare", metavar="previous|FILE",
+                   help="set this run against an earlier one: 'previous' (this host's last "
+                        "run kept on the controller) or a result JSON")
+    p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                   help="override inventory data, as pyinfra --data")
+    p.add_argument("--json", action="store_true", help="vLLM's result JSON and the summary")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from gpufleet.cli.data import DataError, parse_data
+    from gpufleet.cli.fleet import _quiet_pyinfra
+    from gpufleet.fleet import bench
+    from gpufleet.fleet.report import USAGE, RolloutError
+
+    os.environ.setdefault("PYINFRA_PROGRESS", "off")
+    _quiet_pyinfra()
+    work = bench.Workload(args.num_prompts, args.concurrency, args.input_len, args.output_len)
+    try:
+        if min(work.num_prompts, work.concurrency, work.input_len, work.output_len) < 1:
+            raise RolloutError("--num-prompts, --concurrency, --input-len and --output-len "
+                               "must be at least 1")
+        service, host, result, kept = bench.run_bench(
+            args.inventory, host=args.host, service=args.service, work=work,
+            data=parse_data(args.data or []))
+        rows = [(f"this run ({result.get('quantization')})", bench.summary(result))]
+        if args.compare:
+            before = (bench.earlier(service, host, kept.name) if args.compare == "previous"
+                      else Path(args.compare))
+            if before is None or not before.is_file():
+                raise RolloutError(f"nothing to compare with: {args.compare} (no earlier run "
+                                   f"of {host} kept in {bench.local_dir(service, host)})")
+            earlier = json.loads(before.read_text())
+            rows.insert(0, (f"{before.name[:16]} ({earlier.get('quantization')})",
+                            bench.summary(earlier)))
+    except (RolloutError, DataError, ValueError) as e:
+        print(f"gpufleet bench: {e}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        json.dump({"service": service, "host": host, "kept": str(kept),
+                   "summary": [{"run": name, **row} for name, row in rows],
+                   "result": result}, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print(f"vllm bench serve on {host} ({service}, release {result.get('release')}): "
+              f"{work.describe()}")
+        sys.stdout.write(bench.table(rows))
+        print(f"result JSON: {kept} (and on the host next to its release record)")
+    return 0 if not result.get("failed") else 1
