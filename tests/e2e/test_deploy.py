@@ -171,14 +171,17 @@ def test_secrets_appear_nowhere_but_the_env_file(lab, secrets, deployed, secret_
         assert secret not in journal, f"{secret_name} in {name}'s journal"
         inspect = lab.ssh(name, "docker inspect gpufleet-llama3").stdout
         assert secret not in inspect, f"{secret_name} in docker inspect on {name}"
-        # the API key only in the server's env file, the Hub token only in its own token file
-        home = {"HF_TOKEN": "/etc/gpufleet/llama3.hf-token",
-                "VLLM_API_KEY": "/etc/gpufleet/llama3.env"}[secret_name]
+        # the API key only in the server's env file and the front's key check (both root-only),
+        # the Hub token only in its own token file
+        homes = {"HF_TOKEN": ("/etc/gpufleet/llama3.hf-token",),
+                 "VLLM_API_KEY": ("/etc/gpufleet/llama3.env",
+                                  "/etc/gpufleet/llama3.front-keys.conf")}[secret_name]
         files = _grep_host_files(lab, name, secret)
-        assert [f for f in files if not f.endswith(home)] == [], files
+        assert [f for f in files if not f.endswith(homes)] == [], files
         mode = lab.ssh(name, "stat -c '%a %U %G' /etc/gpufleet/llama3.env "
-                             "/etc/gpufleet/llama3.hf-token /etc/gpufleet").stdout
-        assert mode.split("\n")[:3] == ["600 root root", "600 root root", "700 root root"]
+                             "/etc/gpufleet/llama3.hf-token /etc/gpufleet/llama3.front-keys.conf "
+                             "/etc/gpufleet").stdout
+        assert mode.split("\n")[:4] == ["600 root root"] * 3 + ["700 root root"]
         sums = lab.ssh(name, "sha256sum /etc/gpufleet/llama3.env "
                              "/etc/gpufleet/llama3.hf-token").stdout.split()
         assert sums[0] == hashlib.sha256(f"VLLM_API_KEY='{API}'\n".encode()).hexdigest()

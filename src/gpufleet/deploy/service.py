@@ -10,11 +10,13 @@ import dataclasses
 import hashlib
 import os
 import uuid
+import weakref
 from importlib import resources
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
+import pyinfra
 from pyinfra import host, inventory, logger
 from pyinfra.api import deploy
 from pyinfra.context import ctx_host, ctx_state
@@ -121,8 +123,8 @@ def vllm_service(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
     _gpus_and_docker(spec, plan, driver_refusal)
     checks_pass = plan is not None and plan.fits and driver_refusal is None
     env_file = _storage_image_and_secrets(spec, secrets, shape, hub_endpoint, checks_pass)
-    front_changes = service_front.configured(spec, secrets)
-    return _service_verified_and_recorded(spec, secrets, shape, plan, env_file, front_changes)
+    front_config = service_front.configured(spec, secrets)
+    return _service_verified_and_recorded(spec, secrets, shape, plan, env_file, front_config)
 
 
 def host_image(spec: ServiceSpec) -> tuple[ServiceSpec, str | None]:
@@ -131,8 +133,8 @@ def host_image(spec: ServiceSpec) -> tuple[ServiceSpec, str | None]:
     Read from the driver before the image is pulled. With ``image_cuda: match_driver`` the
     image becomes the tag of the same release this host's driver runs, so the unit and the
     release record pin that tag (``gpufleet.model.image_cuda``)."""
-    verdict = image_cuda.driver_verdict(spec.image, image_cuda.fact_driver(
-        host.get_fact(NvidiaGpus)), spec.image_cuda)
+    verdict = image_cuda.driver_verdict(spec.image, image_cuda.fact_driver(gpu_fact()),
+                                        spec.image_cuda)
     if verdict.note:
         logger.warning(f"{host.print_prefix}image: {verdict.note}")
     if verdict.image != spec.image:
@@ -174,7 +176,6 @@ def _gpus_and_docker(spec: ServiceSpec, plan: planner.Plan | None,
         _if=daemon.did_change,
     )
     docker.default_runtime(name="docker info: default runtime is nvidia", runtime="nvidia")
-    service_front.installed()
 
 
 def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
@@ -190,7 +191,7 @@ def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.Servi
 
     pyinfra_docker.image(name=f"Image {spec.image}", image=spec.image, present=True)
     # the server gets only its API key; the Hub token is for the weight staging alone
-    both = service_front.secret_paths(spec)  # every secret file, read with one fact command
+    both = service_front.secret_paths(spec)  # read with one fact command
     env_file = vllm.secret_file(
         name=f"Env file {spec.env_file} (0600, API key)", path=spec.env_file,
         content=secrets.server_env(), read_with=both,
@@ -224,7 +225,7 @@ def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.Servi
 
 def _service_verified_and_recorded(spec: ServiceSpec, secrets: service_secrets.ServiceSecrets,
                                    shape: ModelShape | None, plan: planner.Plan | None,
-                                   env_file: Any, front_changes: list[Any]) -> DeployResult:
+                                   env_file: Any, front_config: Any) -> DeployResult:
     """The unit, (re)started only when it or the env file changed, the front applied (after
     vLLM left the public port), the health gate through the front, then the release record."""
     commit = shape.commit if shape else None
@@ -242,7 +243,7 @@ def _service_verified_and_recorded(spec: ServiceSpec, secrets: service_secrets.S
         name=f"{spec.unit_name} enabled and running", service=spec.unit_name,
         running=True, enabled=True,
     )
-    service_front.applied(front_changes)
+    service_front.applied(front_config)
     health_gate = vllm.endpoint_verified(
         name=f"Endpoint answers at {front.local_url(spec)} as {spec.name_served!r}",
         url=front.local_url(spec), served_name=spec.name_served, env_file=spec.env_file,
@@ -296,10 +297,27 @@ def hub_cache_dir() -> Path:
     return service_secrets.state_dir(os.environ) / "hub-cache"
 
 
+_GPU_FACTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def gpu_fact() -> dict[str, Any]:
+    """The host's ``NvidiaGpus``, read once per run (a pyinfra ``State``): the plan and the
+    image's driver check both need it while the deploy is defined. (The GPU check operation
+    reads it again when it runs.)"""
+    state, current = ctx_state.get(), ctx_host.get()
+    if state is None or current is None or host is not pyinfra.host:  # not in a run
+        return host.get_fact(NvidiaGpus)
+    per_host = _GPU_FACTS.setdefault(state, {})
+    name = current.name
+    if name not in per_host:
+        per_host[name] = host.get_fact(NvidiaGpus)
+    return per_host[name]
+
+
 def host_plan(spec: ServiceSpec, shape: ModelShape) -> planner.Plan | None:
     """The plan for this host's real GPUs (None when the driver does not answer: the GPU check
     then fails the host with the driver's story)."""
-    fact = host.get_fact(NvidiaGpus)
+    fact = gpu_fact()
     if not fact.get("gpus"):
         return None
     plan = planner.plan_for_spec(spec, shape, fact["gpus"])

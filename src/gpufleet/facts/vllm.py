@@ -24,10 +24,11 @@ class VllmEndpoint(FactBase[dict]):
 
     @override
     def command(self, url: str, served_name: str, env_file: str, container: str,
-                unit: str) -> StringCommand:
+                unit: str, url_file: str | None = None) -> StringCommand:
+        read = ["--url-file", QuoteString(url_file)] if url_file else []
         return StringCommand(
             "if [ -f", VERIFY_SCRIPT, "]; then", "python3", VERIFY_SCRIPT, "--quick",
-            "--url", QuoteString(url), "--served-name", QuoteString(served_name),
+            "--url", QuoteString(url), *read, "--served-name", QuoteString(served_name),
             "--env-file", QuoteString(env_file), "--container", QuoteString(container),
             "--unit", QuoteString(unit), "2>/dev/null", "||", "true;", "fi",
         )

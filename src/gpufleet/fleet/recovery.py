@@ -49,6 +49,7 @@ from gpufleet.fleet.report import (
     RolloutError,
     Silent,
 )
+from gpufleet.model import names as host_names
 from gpufleet.model.release import endpoint_of
 
 PHASES = ("api action", "boot to ssh", *DEPLOY_PHASES)
@@ -243,7 +244,7 @@ class Recovery:
                           apply_failed_hosts=False)
             record = rs["releases"].get(rs["current"] or "", {})
             probe = get_fact(state, host, VllmEndpoint, kwargs={
-                "url": endpoint_of(record),
+                "url": endpoint_of(record), "url_file": host_names.front_url_file(service),
                 "served_name": str(record.get("served_name", "")),
                 "env_file": record.get("env_file", ""), "container": record.get("container", ""),
                 "unit": record.get("unit_name", "")}, apply_failed_hosts=False) if record else {}

@@ -157,7 +157,8 @@ def restore_release(service: str, targets: Mapping[str, str]) -> DeployResult:
     url = releases.endpoint_of(record)
     served = str(record.get("served_name", ""))
     gate = vllm.endpoint_verified(
-        name=f"Endpoint answers at {url} as {served!r}", url=url, served_name=served,
+        name=f"Endpoint answers as {served!r}", url=url, served_name=served,
+        url_file=names.front_url_file(service),
         env_file=record.get("env_file", names.env_file(service)),
         container=record.get("container", names.container_name(service)), unit=unit_name,
         timeout=int(record.get("cold_start_timeout", 1200)),

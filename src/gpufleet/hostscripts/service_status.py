@@ -145,6 +145,11 @@ def main() -> int:
     if status["release"]:
         rec = status["release"]
         endpoint = rec.get("endpoint") or f"http://127.0.0.1:{int(rec.get('port', 8000))}"
+        try:  # the front as it is now (its TLS may have changed since the release)
+            with open(os.path.join(a.root, service, "front.url"), encoding="utf-8") as f:
+                endpoint = f.read().strip().rstrip("/") or endpoint
+        except OSError:
+            pass
     status["health"], status["metrics"], status["metrics_error"] = None, None, None
     if endpoint:
         status["health"] = get(endpoint + "/health")[0]

@@ -78,6 +78,14 @@ def check_models_and_chat(base: str, key: str | None, served: str) -> tuple[str 
     return None, f"served {served!r}, completion: {text!r}"
 
 
+def front_url(url_file: str | None, default: str) -> str:
+    try:
+        with open(url_file or "", encoding="utf-8") as f:
+            return f.read().strip().rstrip("/") or default.rstrip("/")
+    except OSError:
+        return default.rstrip("/")
+
+
 def restarts(unit: str) -> int:
     out = subprocess.run(["systemctl", "show", "-p", "NRestarts", "--value", unit],
                          capture_output=True, text=True).stdout.strip()
@@ -101,7 +109,9 @@ def container_logs(container: str, unit: str, lines: int = 40) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url-file", help="read the URL from this file (the front writes it); "
+                                      "--url when it is missing")
     p.add_argument("--served-name", required=True)
     p.add_argument("--env-file", required=True)
     p.add_argument("--container", required=True)
@@ -110,7 +120,7 @@ def main() -> int:
     mode.add_argument("--quick", action="store_true")
     mode.add_argument("--wait", type=int)
     a = p.parse_args()
-    base = a.url.rstrip("/")
+    base = front_url(a.url_file, a.url)
     key = read_key(a.env_file)
 
     if a.quick:

@@ -57,6 +57,12 @@ def front_site(service: str) -> str:
     return f"/etc/nginx/conf.d/gpufleet-{service}.conf"
 
 
+def front_url_file(service: str) -> str:
+    """Where the host's own checks reach its front (``http://127.0.0.1:8000``; https with TLS):
+    written with the front, read by the health checks of a rollback, a rebuild and status."""
+    return f"{service_dir(service)}/front.url"
+
+
 def tls_certificate_file(service: str) -> str:
     return f"{SECRETS_DIR}/{service}.tls.crt"
 

@@ -93,7 +93,9 @@ class Release:
     env_file: str
     container: str
     cold_start_timeout: int
-    endpoint: str = ""  # the front's URL on the host itself (``gpufleet.model.front.local_url``)
+    # the front's URL on the host when the release was made (``gpufleet.model.front.local_url``;
+    # checks read the front's own file first: names.front_url_file)
+    endpoint: str = ""
 
     def record(self, created: str | None = None, by: str | None = None) -> dict[str, Any]:
         """The ``release.json`` written on the host."""

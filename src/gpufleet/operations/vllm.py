@@ -81,7 +81,7 @@ def secret_file(path: str, content: Secret | None, mode: str = "600", dir_mode: 
 
 @operation()
 def endpoint_verified(url: str, served_name: str, env_file: str, container: str, unit: str,
-                      timeout: int = 1200):
+                      timeout: int = 1200, url_file: str | None = None):
     """
     Prove the service's endpoint answers, from the host itself, through its front (``url``): ``/health`` 200 within ``timeout``
     seconds (a cold start takes minutes), ``/v1/models`` lists ``served_name``, and one short chat
@@ -90,19 +90,23 @@ def endpoint_verified(url: str, served_name: str, env_file: str, container: str,
 
     + url: the front as the host reaches it (``http://127.0.0.1:8000``; https: its certificate is
       not checked, the name is the host's own)
+    + url_file: read the URL on the host from this file (the front's, ``names.front_url_file``)
+      when it is there: a rollback or rebuild checks the front as it is now
     + served_name: the model name clients use
     + env_file: the root-only env file holding VLLM_API_KEY
     + container: the container name, for its logs
     + unit: the systemd unit, to notice a crash loop early
     + timeout: cold-start budget in seconds
     """
+    read = {"url_file": url_file} if url_file else {}
     probe = host.get_fact(VllmEndpoint, url=url, served_name=served_name, env_file=env_file,
-                          container=container, unit=unit)
+                          container=container, unit=unit, **read)
     if probe.get("ok"):
         host.noop(f"endpoint answers: {probe.get('detail')}")
         return
     yield StringCommand(
         "python3", VERIFY_SCRIPT, "--wait", QuoteString(str(timeout)), "--url",
-        QuoteString(url), "--served-name", QuoteString(served_name), "--env-file",
+        QuoteString(url), *(["--url-file", QuoteString(url_file)] if url_file else []),
+        "--served-name", QuoteString(served_name), "--env-file",
         QuoteString(env_file), "--container", QuoteString(container), "--unit", QuoteString(unit),
     )
