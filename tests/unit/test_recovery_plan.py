@@ -78,7 +78,8 @@ def test_the_scrub_holds_the_run_lock_and_removes_every_secret():
     assert words[at:at + 5] == ["flock", "-n", "-E", str(LOCK_HELD_EXIT),
                                 "/var/lib/gpufleet/llama3/lock"]
     inner = words[-1]
-    assert inner.startswith("systemctl disable --now gpufleet-llama3.service && rm -f ")
+    assert inner.startswith("systemctl disable --now gpufleet-llama3.service && { systemctl "
+                            "disable --now nginx.service 2>/dev/null || true; } && rm -f ")
     assert ("/etc/gpufleet/llama3.env /etc/gpufleet/llama3.hf-token "
             "/etc/gpufleet/llama3.front-keys.conf /etc/gpufleet/llama3.tls.key "
             "/etc/gpufleet/weights-peer-*") in inner

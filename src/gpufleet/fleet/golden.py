@@ -1,8 +1,9 @@
 """``gpufleet snapshot``: a provisioned droplet as a golden image, without its secrets.
 
 1. **Scrub**: under the service's run lock (``flock -n``: a run in progress is not cut short),
-   the unit is stopped and disabled, and the API key's env file and the Hub token file are
-   removed, then the disk is synced. The snapshot keeps what makes a server slow to build
+   the unit and the front's nginx are stopped and disabled, and every secret file (the API
+   key's env file, the Hub token file, the front's key check and TLS key) is removed, then the
+   disk is synced. The snapshot keeps what makes a server slow to build
    (toolkit, daemon.json, the pulled image, the staged weights, the release records) and none
    of the secrets. A host rebuilt from it gets them from the deploy, as any host does (the API
    key from the controller's state, the token from the environment): they are not rotated,
@@ -44,7 +45,10 @@ def scrub_command(service: str) -> str:
     """Stop the server and remove the secrets, holding the run lock (exit 75: a run holds it)."""
     unit = names.unit_name(service)
     secrets = names.secret_files(service)
+    # the front too: its nginx cannot start without the key check it includes (a host
+    # booted from the snapshot gets both back from its deploy)
     inner = (f"systemctl disable --now {shlex.quote(unit)} && "
+             "{ systemctl disable --now nginx.service 2>/dev/null || true; } && "
              f"rm -f {' '.join(map(shlex.quote, secrets))} "
              f"{names.WEIGHTS_PEER_FILES} && sync")
     return (f"mkdir -p {shlex.quote(names.service_dir(service))} && "
