@@ -25,11 +25,6 @@ def site_conf(spec: ServiceSpec) -> str:
     )
 
 
-def secret_paths(spec: ServiceSpec) -> list[str]:
-    """The server's secret files, read with one fact command (``vllm.secret_file``)."""
-    return [spec.env_file, spec.hf_token_file]
-
-
 def front_files(spec: ServiceSpec, secrets: ServiceSecrets) -> dict[str, nginx.FrontFile]:
     """What the front's files hold (None: must not exist) and their modes."""
     service = spec.service

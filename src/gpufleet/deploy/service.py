@@ -191,7 +191,7 @@ def _storage_image_and_secrets(spec: ServiceSpec, secrets: service_secrets.Servi
 
     pyinfra_docker.image(name=f"Image {spec.image}", image=spec.image, present=True)
     # the server gets only its API key; the Hub token is for the weight staging alone
-    both = service_front.secret_paths(spec)  # read with one fact command
+    both = [spec.env_file, spec.hf_token_file]  # read with one fact command
     env_file = vllm.secret_file(
         name=f"Env file {spec.env_file} (0600, API key)", path=spec.env_file,
         content=secrets.server_env(), read_with=both,
