@@ -14,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                      "image) against a host, the blog's method by default")
     p.add_argument("inventory")
     p.add_argument("host", nargs="?", help="the host (default: the first with a release)")
+    p.add_argument("--lb", action="store_true",
+                   help="through the service's load balancer (gpufleet cloud), run from a host")
     p.add_argument("--service", help="the service (default: the one recorded on the hosts)")
     p.add_argument("--num-prompts", type=int, default=100, metavar="N")
     p.add_argument("--concurrency", type=int, default=20, metavar="N")
@@ -32,6 +34,7 @@ def main(args: argparse.Namespace) -> int:
     from gpufleet.cli.data import DataError, parse_data
     from gpufleet.cli.fleet import _quiet_pyinfra
     from gpufleet.fleet import bench
+    from gpufleet.fleet.cloud import CloudError
     from gpufleet.fleet.report import USAGE, RolloutError
 
     os.environ.setdefault("PYINFRA_PROGRESS", "off")
@@ -43,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
                                "must be at least 1")
         service, host, result, kept = bench.run_bench(
             args.inventory, host=args.host, service=args.service, work=work,
-            data=parse_data(args.data or []))
+            data=parse_data(args.data or []), base_url=lb_address() if args.lb else None)
         rows = [(f"this run ({result.get('quantization')})", bench.summary(result))]
         if args.compare:
             before = (bench.earlier(service, host, kept.name) if args.compare == "previous"
@@ -54,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
             earlier = json.loads(before.read_text())
             rows.insert(0, (f"{before.name[:16]} ({earlier.get('quantization')})",
                             bench.summary(earlier)))
-    except (RolloutError, DataError, ValueError) as e:
+    except (RolloutError, DataError, ValueError, CloudError) as e:
         print(f"gpufleet bench: {e}", file=sys.stderr)
         return USAGE
     except KeyboardInterrupt:
@@ -65,8 +68,25 @@ def main(args: argparse.Namespace) -> int:
                    "result": result}, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        print(f"vllm bench serve on {host} ({service}, release {result.get('release')}): "
+        where = "the load balancer" if args.lb else host
+        print(f"vllm bench serve on {where} ({service}, release {result.get('release')}): "
               f"{work.describe()}")
         sys.stdout.write(bench.table(rows))
         print(f"result JSON: {kept} (and on the host next to its release record)")
     return 0 if not result.get("failed") else 1
+
+
+def lb_address() -> str:
+    """The service's load balancer as ``gpufleet cloud`` made it (the inventory's environment)."""
+    from gpufleet.clients.digitalocean import DigitalOceanClient
+    from gpufleet.clients.do_inventory import settings_from_env
+    from gpufleet.fleet import cloud
+    from gpufleet.model.cloud import resource_name
+
+    settings = settings_from_env(os.environ)
+    lb = cloud.find_load_balancer(DigitalOceanClient(settings.token, settings.api_url),
+                                  settings.tag)
+    if lb is None or not lb.get("ip"):
+        raise cloud.CloudError(f"the service has no load balancer with an address "
+                               f"({resource_name(settings.tag)}): run gpufleet cloud")
+    return cloud.lb_url(lb)

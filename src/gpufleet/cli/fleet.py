@@ -24,6 +24,8 @@ another run (nothing changed)"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from gpufleet.fleet.lb_gate import DEFAULT_DRAIN
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--limit", action="append", default=[], metavar="HOST",
                         help="only these hosts (repeatable)")
@@ -41,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     moving.add_argument("--max-failed", type=int, default=0, metavar="N",
                         help="failed hosts a batch may have before the rollout stops "
                              "(default 0)")
+    moving.add_argument("--drain", type=float, default=DEFAULT_DRAIN, metavar="S",
+                        help="with the service's load balancer: seconds between a host leaving "
+                             "it and its restart, for requests in flight (default %(default)g)")
     moving.add_argument("--yes", "-y", action="store_true",
                         help="do not ask before changing anything")
     moving.add_argument("--skip-unreachable", action="store_true",
@@ -119,6 +124,7 @@ def _options(args: argparse.Namespace, data: dict[str, Any]) -> Options:
         max_failed=args.max_failed, skip_unreachable=args.skip_unreachable, order=args.order,
         limit=args.limit or None, break_lock=args.break_lock, wait=args.wait,
         to_release=getattr(args, "to_release", None), service=getattr(args, "service", None),
+        drain=args.drain,
     )
     if not args.yes:
         if args.json:

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.set_defaults(func=cmd_api_key)
 
     from gpufleet.cli import bench as bench_cli
+    from gpufleet.cli import cloud as cloud_cli
     from gpufleet.cli import fleet as rollout_cli
     from gpufleet.cli import plan as plan_cli
     from gpufleet.cli import recovery as recovery_cli
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     recovery_cli.add_parser(sub)
     status_cli.add_parser(sub)
     bench_cli.add_parser(sub)
+    cloud_cli.add_parser(sub)
     return parser
 
 

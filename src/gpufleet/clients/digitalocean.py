@@ -1,7 +1,9 @@
 """A thin DigitalOcean API client on the standard library (urllib), for the few calls we need.
 
-Droplets by tag (with the GPU caveat handled), droplet sizes with their prices, droplet actions (rebuild, power_cycle, reboot,
-snapshot, ...) and their polling, and droplet snapshots. Rate limits (429) are waited out using
+Droplets by tag (with the GPU caveat handled), droplet sizes with their prices, droplet actions
+(rebuild, power_cycle, reboot, snapshot, ...) and their polling, droplet snapshots, tags, cloud
+firewalls and load balancers (their JSON as the API has it: ``gpufleet.model.cloud`` builds and
+compares it). Rate limits (429) are waited out using
 ``Retry-After`` / ``ratelimit-reset``; server errors are retried a bounded number of times;
 every other failure raises ``DigitalOceanError`` with the HTTP status and the API's
 ``message``. The token travels only in the ``Authorization: Bearer`` header, only to the
@@ -19,12 +21,13 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 DEFAULT_API_URL = "https://api.digitalocean.com"
 MAX_PER_PAGE = 200  # the API's maximum page size
 MAX_PAGES = 10_000  # a runaway-pagination guard (2 million droplets at 200 a page)
 USER_AGENT = "gpufleet-digitalocean/0.1 (python urllib)"
+IDEMPOTENT = ("GET", "PUT", "DELETE")
 
 Json = dict[str, Any]
 
@@ -290,11 +293,11 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
     return None
 
 
-class DigitalOceanClient:
-    """``DigitalOceanClient(token, base_url=...)``: see the module docstring.
+class _Transport:
+    """The HTTP side of ``DigitalOceanClient(token, base_url=...)``: see the module docstring.
 
     ``max_retries`` bounds the retries of one request after a 429 or a server error;
-    ``connect_retries`` bounds the retries of a GET that got no response at all. ``sleep``
+    ``connect_retries`` bounds the retries of a GET, PUT or DELETE that got no response at all. ``sleep``
     and ``clock`` are injectable for tests.
     """
 
@@ -339,6 +342,151 @@ class DigitalOceanClient:
 
     def __repr__(self) -> str:  # never show the token
         return f"DigitalOceanClient(base_url={self.base_url!r})"
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _get_object(self, path: str, key: str) -> Json:
+        return _expect(self._request("GET", path), key)
+
+    def _list(self, path: str, key: str, query: Mapping[str, Any]) -> list[Json]:
+        """All items of a paginated listing, following ``links.pages.next``."""
+        items: list[Json] = []
+        target = self._url(path, {**query, "per_page": MAX_PER_PAGE})
+        seen: set[str] = set()
+        for _ in range(MAX_PAGES):
+            seen.add(target)
+            data = self._request("GET", target)
+            page = data.get(key)
+            if not isinstance(page, list):
+                raise DigitalOceanError(
+                    f"unexpected response from GET {_path_of(target)}: no {key!r} list"
+                )
+            items.extend(page)
+            links = data.get("links") or {}
+            next_url = (links.get("pages") or {}).get("next") if isinstance(links, dict) else None
+            if not next_url or not page:
+                return items
+            target = self._rebase(str(next_url))
+            if target in seen:
+                raise DigitalOceanError(
+                    f"the DigitalOcean API's pagination loops at {_path_of(target)}"
+                )
+        raise DigitalOceanError(f"GET {path}: more than {MAX_PAGES} pages; giving up")
+
+    def _url(self, path: str, query: Mapping[str, Any] | None = None) -> str:
+        url = self.base_url + path
+        if query:
+            url += "?" + urlencode(query)
+        return url
+
+    def _rebase(self, url: str) -> str:
+        """A ``links.pages.next`` URL, pointed at our API origin.
+
+        The real API answers with absolute https://api.digitalocean.com/... links; behind a
+        proxy or against the lab emulator the base URL differs. Whatever origin the link
+        names, the request (and the token) goes to the configured base URL only."""
+        parts = urlsplit(url)
+        if (parts.scheme, parts.netloc) == self._origin:
+            return url
+        path = parts.path
+        if "/v2/" in path:
+            path = path[path.index("/v2/") :]
+        return self.base_url + path + (f"?{parts.query}" if parts.query else "")
+
+    def _request(self, method: str, path_or_url: str, body: Json | None = None) -> Json:
+        url = path_or_url if "://" in path_or_url else self._url(path_or_url)
+        what = f"{method} {_path_of(url)}"
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {
+            "Authorization": f"Bearer {self._token}",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        retries = 0
+        unreachable = 0
+        while True:
+            request = urllib.request.Request(url, data=data, headers=headers, method=method)
+            try:
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as err:
+                status = err.code
+                payload = _error_payload(err)
+                delay = self._retry_delay(method, status, err.headers, retries)
+                if delay is None:
+                    raise self._http_error(what, status, payload, retries) from None
+                retries += 1
+                self._sleep(delay)
+                continue
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                # No (complete) response: connection refused, DNS, TLS, timeout, reset.
+                # Only an idempotent call is safe to repeat; a POST might have been carried out.
+                if method in IDEMPOTENT and unreachable < self.connect_retries:
+                    unreachable += 1
+                    self._sleep(min(self.backoff * 2 ** (unreachable - 1), self.max_backoff))
+                    continue
+                raise DigitalOceanError(
+                    self._redact(
+                        f"cannot reach the DigitalOcean API at {self.base_url}: {_reason(err)}"
+                    )
+                ) from None
+            if not raw.strip():
+                return {}
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                raise DigitalOceanError(
+                    f"unexpected response from {what}: not JSON ({raw[:80]!r})"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise DigitalOceanError(f"unexpected response from {what}: not a JSON object")
+            return parsed
+
+    def _retry_delay(self, method: str, status: int, headers: Any, retries: int) -> float | None:
+        if retries >= self.max_retries:
+            return None
+        exponential = min(self.backoff * 2**retries, self.max_backoff)
+        if status == 429:
+            wait = retry_after_seconds(headers or {}, self._clock())
+            # +1 s: ratelimit-reset has one-second resolution; arriving early just costs a 429.
+            return min(wait + 1.0, self.max_backoff) if wait is not None else exponential
+        if 500 <= status <= 599:
+            # GET, PUT and DELETE are always safe to repeat. A POST (an action) only when a
+            # gateway answered for an API that was not reached; a 500 may have acted already.
+            if method in IDEMPOTENT or status in (502, 503, 504):
+                return exponential
+        return None
+
+    def _http_error(self, what: str, status: int, payload: Json, retries: int) -> DigitalOceanError:
+        error_id = payload.get("id") if isinstance(payload.get("id"), str) else None
+        message = payload.get("message") if isinstance(payload.get("message"), str) else None
+        detail = f"HTTP {status}"
+        if error_id:
+            detail += f" {error_id}"
+        if message:
+            detail += f": {message}"
+        if status == 429:
+            text = f"DigitalOcean API rate limit exceeded on {what} ({detail})"
+        else:
+            text = f"DigitalOcean API {what} failed: {detail}"
+        if retries:
+            text += f" (gave up after {retries} retries)"
+        return DigitalOceanError(
+            self._redact(text),
+            status=status,
+            error_id=error_id,
+            api_message=self._redact(message) if message else None,
+        )
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "[REDACTED]")
+
+
+class DigitalOceanClient(_Transport):
+    """The API calls gpufleet makes: droplets, sizes, actions, snapshots, tags, firewalls and
+    load balancers (``_Transport``: the token, retries, rate limits and pagination)."""
 
     # -- droplets ---------------------------------------------------------------------------
 
@@ -425,145 +573,56 @@ class DigitalOceanClient:
         items = self._list("/v2/snapshots", "snapshots", {"resource_type": "droplet"})
         return [Snapshot.from_api(s) for s in items]
 
-    # -- HTTP -------------------------------------------------------------------------------
+    # -- tags -------------------------------------------------------------------------------
 
-    def _get_object(self, path: str, key: str) -> Json:
-        return _expect(self._request("GET", path), key)
+    def create_tag(self, name: str) -> None:
+        """``POST /v2/tags``: idempotent (the API answers 201 for an existing name too)."""
+        self._request("POST", "/v2/tags", body={"name": name})
 
-    def _list(self, path: str, key: str, query: Mapping[str, Any]) -> list[Json]:
-        """All items of a paginated listing, following ``links.pages.next``."""
-        items: list[Json] = []
-        target = self._url(path, {**query, "per_page": MAX_PER_PAGE})
-        seen: set[str] = set()
-        for _ in range(MAX_PAGES):
-            seen.add(target)
-            data = self._request("GET", target)
-            page = data.get(key)
-            if not isinstance(page, list):
-                raise DigitalOceanError(
-                    f"unexpected response from GET {_path_of(target)}: no {key!r} list"
-                )
-            items.extend(page)
-            links = data.get("links") or {}
-            next_url = (links.get("pages") or {}).get("next") if isinstance(links, dict) else None
-            if not next_url or not page:
-                return items
-            target = self._rebase(str(next_url))
-            if target in seen:
-                raise DigitalOceanError(
-                    f"the DigitalOcean API's pagination loops at {_path_of(target)}"
-                )
-        raise DigitalOceanError(f"GET {path}: more than {MAX_PAGES} pages; giving up")
+    def tag_droplets(self, tag: str, droplet_ids: Iterable[int]) -> None:
+        self._tag_resources("POST", tag, droplet_ids)
 
-    def _url(self, path: str, query: Mapping[str, Any] | None = None) -> str:
-        url = self.base_url + path
-        if query:
-            url += "?" + urlencode(query)
-        return url
+    def untag_droplets(self, tag: str, droplet_ids: Iterable[int]) -> None:
+        self._tag_resources("DELETE", tag, droplet_ids)
 
-    def _rebase(self, url: str) -> str:
-        """A ``links.pages.next`` URL, pointed at our API origin.
+    def _tag_resources(self, method: str, tag: str, droplet_ids: Iterable[int]) -> None:
+        resources = [{"resource_id": str(int(i)), "resource_type": "droplet"} for i in droplet_ids]
+        if resources:
+            self._request(method, f"/v2/tags/{quote(tag, safe='')}/resources",
+                          body={"resources": resources})
 
-        The real API answers with absolute https://api.digitalocean.com/... links; behind a
-        proxy or against the lab emulator the base URL differs. Whatever origin the link
-        names, the request (and the token) goes to the configured base URL only."""
-        parts = urlsplit(url)
-        if (parts.scheme, parts.netloc) == self._origin:
-            return url
-        path = parts.path
-        if "/v2/" in path:
-            path = path[path.index("/v2/") :]
-        return self.base_url + path + (f"?{parts.query}" if parts.query else "")
+    # -- firewalls and load balancers ---------------------------------------------------------
 
-    def _request(self, method: str, path_or_url: str, body: Json | None = None) -> Json:
-        url = path_or_url if "://" in path_or_url else self._url(path_or_url)
-        what = f"{method} {_path_of(url)}"
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {
-            "Authorization": f"Bearer {self._token}",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        retries = 0
-        unreachable = 0
-        while True:
-            request = urllib.request.Request(url, data=data, headers=headers, method=method)
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as err:
-                status = err.code
-                payload = _error_payload(err)
-                delay = self._retry_delay(method, status, err.headers, retries)
-                if delay is None:
-                    raise self._http_error(what, status, payload, retries) from None
-                retries += 1
-                self._sleep(delay)
-                continue
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-                # No (complete) response: connection refused, DNS, TLS, timeout, reset.
-                # Only a GET is safe to repeat; a POST might have been carried out.
-                if method == "GET" and unreachable < self.connect_retries:
-                    unreachable += 1
-                    self._sleep(min(self.backoff * 2 ** (unreachable - 1), self.max_backoff))
-                    continue
-                raise DigitalOceanError(
-                    self._redact(
-                        f"cannot reach the DigitalOcean API at {self.base_url}: {_reason(err)}"
-                    )
-                ) from None
-            if not raw.strip():
-                return {}
-            try:
-                parsed = json.loads(raw)
-            except ValueError:
-                raise DigitalOceanError(
-                    f"unexpected response from {what}: not JSON ({raw[:80]!r})"
-                ) from None
-            if not isinstance(parsed, dict):
-                raise DigitalOceanError(f"unexpected response from {what}: not a JSON object")
-            return parsed
+    def list_firewalls(self) -> list[Json]:
+        return self._list("/v2/firewalls", "firewalls", {})
 
-    def _retry_delay(self, method: str, status: int, headers: Any, retries: int) -> float | None:
-        if retries >= self.max_retries:
-            return None
-        exponential = min(self.backoff * 2**retries, self.max_backoff)
-        if status == 429:
-            wait = retry_after_seconds(headers or {}, self._clock())
-            # +1 s: ratelimit-reset has one-second resolution; arriving early just costs a 429.
-            return min(wait + 1.0, self.max_backoff) if wait is not None else exponential
-        if 500 <= status <= 599:
-            # A GET is always safe to repeat. A POST (an action) only when a gateway answered
-            # for an API that was not reached; a 500 may have started the action already.
-            if method == "GET" or status in (502, 503, 504):
-                return exponential
-        return None
+    def create_firewall(self, body: Json) -> Json:
+        return _expect(self._request("POST", "/v2/firewalls", body=body), "firewall")
 
-    def _http_error(self, what: str, status: int, payload: Json, retries: int) -> DigitalOceanError:
-        error_id = payload.get("id") if isinstance(payload.get("id"), str) else None
-        message = payload.get("message") if isinstance(payload.get("message"), str) else None
-        detail = f"HTTP {status}"
-        if error_id:
-            detail += f" {error_id}"
-        if message:
-            detail += f": {message}"
-        if status == 429:
-            text = f"DigitalOcean API rate limit exceeded on {what} ({detail})"
-        else:
-            text = f"DigitalOcean API {what} failed: {detail}"
-        if retries:
-            text += f" (gave up after {retries} retries)"
-        return DigitalOceanError(
-            self._redact(text),
-            status=status,
-            error_id=error_id,
-            api_message=self._redact(message) if message else None,
-        )
+    def update_firewall(self, firewall_id: str, body: Json) -> Json:
+        """``PUT /v2/firewalls/{id}``: a full replacement of the firewall's rules and targets."""
+        path = f"/v2/firewalls/{quote(firewall_id, safe='')}"
+        return _expect(self._request("PUT", path, body=body), "firewall")
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._token, "[REDACTED]")
+    def delete_firewall(self, firewall_id: str) -> None:
+        self._request("DELETE", f"/v2/firewalls/{quote(firewall_id, safe='')}")
+
+    def list_load_balancers(self) -> list[Json]:
+        return self._list("/v2/load_balancers", "load_balancers", {})
+
+    def get_load_balancer(self, lb_id: str) -> Json:
+        return self._get_object(f"/v2/load_balancers/{quote(lb_id, safe='')}", "load_balancer")
+
+    def create_load_balancer(self, body: Json) -> Json:
+        return _expect(self._request("POST", "/v2/load_balancers", body=body), "load_balancer")
+
+    def update_load_balancer(self, lb_id: str, body: Json) -> Json:
+        """``PUT /v2/load_balancers/{id}``: a full replacement, like the firewall's."""
+        path = f"/v2/load_balancers/{quote(lb_id, safe='')}"
+        return _expect(self._request("PUT", path, body=body), "load_balancer")
+
+    def delete_load_balancer(self, lb_id: str) -> None:
+        self._request("DELETE", f"/v2/load_balancers/{quote(lb_id, safe='')}")
 
 
 def _expect(data: Json, key: str) -> Json:

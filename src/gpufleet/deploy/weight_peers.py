@@ -35,9 +35,10 @@ from pyinfra.api.host import Host
 
 from gpufleet.facts.weights import marker_path
 from gpufleet.fleet import run_lock
+from gpufleet.model import names
 from gpufleet.model.secrets import Secret
 
-PORT = 8790  # the peer's port on its private address (open it between the droplets)
+PORT = names.WEIGHT_PEER_PORT  # the peer's port on its private address (the firewall opens it)
 
 
 def script() -> str:

@@ -58,8 +58,11 @@ def snapshot_dir(model: str, commit: str) -> str:
     return f"{HF_CACHE}/hub/models--{model.replace('/', '--')}/snapshots/{commit}"
 
 
-def bench_args(record: Mapping[str, Any], work: Workload, result_name: str) -> list[str]:
-    url = endpoint_of(record)
+def bench_args(record: Mapping[str, Any], work: Workload, result_name: str,
+               base_url: str | None = None) -> list[str]:
+    """``vllm bench serve``'s arguments: against the host's own front, or ``base_url`` (the
+    load balancer's address)."""
+    url = base_url or endpoint_of(record)
     args = ["--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
             "--model", str(record.get("served_name") or record["model"]),
             "--tokenizer", snapshot_dir(str(record["model"]), str(record["revision"])),
@@ -75,7 +78,7 @@ def bench_args(record: Mapping[str, Any], work: Workload, result_name: str) -> l
 
 
 def host_command(service: str, record: Mapping[str, Any], work: Workload,
-                 result_name: str) -> str:
+                 result_name: str, base_url: str | None = None) -> str:
     """The one shell command run on the host: the model store from the running container's
     mount, ``vllm bench serve`` in the release's image, then the result JSON after a marker."""
     container = str(record.get("container") or names.container_name(service))
@@ -91,7 +94,7 @@ def host_command(service: str, record: Mapping[str, Any], work: Workload,
               '"$models"' + shlex.quote(f":{HF_CACHE}:ro"),  # the store, read on the host
               *words("-v", f"{result_dir}:/results", "--entrypoint", "/bin/sh",
                      str(record["image"]), "-c", ENTRY, "vllm",
-                     *bench_args(record, work, result_name))]
+                     *bench_args(record, work, result_name, base_url))]
     quoted = " ".join(docker)
     return (f"set -e; models=$(docker inspect -f {shlex.quote(mount)} {shlex.quote(container)}); "
             f'[ -n "$models" ] || {{ echo "{container} is not running" >&2; exit 1; }}; '
@@ -145,10 +148,11 @@ def earlier(service: str, host: str, before: str) -> Path | None:
 
 
 def run_bench(inventory_path: str, host: str | None = None, service: str | None = None,
-              work: Workload | None = None, data: Mapping[str, Any] | None = None
-              ) -> tuple[str, str, dict[str, Any], Path]:
-    """Benchmark one host (default: the first by name with a current release). Returns the
-    service, the host, vLLM's result JSON and where the controller keeps it."""
+              work: Workload | None = None, data: Mapping[str, Any] | None = None,
+              base_url: str | None = None) -> tuple[str, str, dict[str, Any], Path]:
+    """Benchmark one host (default: the first by name with a current release), or with
+    ``base_url`` the load balancer, from that host. Returns the service, the host (``lb``
+    for the load balancer), vLLM's result JSON and where the controller keeps it."""
     work = work or Workload()
     session = fleet_session.FleetSession(fleet_session.load_inventory(inventory_path, data))
     candidates = order_hosts(session.names()) if host is None else [host]
@@ -168,14 +172,15 @@ def run_bench(inventory_path: str, host: str | None = None, service: str | None 
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         name = f"{stamp}-{record['id']}.json"
         ok, lines = fleet_session.shell(state, [chosen], lambda h: host_command(
-            found, record, work, name), timeout=3600)[chosen.name]
+            found, record, work, name, base_url), timeout=3600)[chosen.name]
     finally:
         fleet_session.shutdown(state)
     result = parse_output(lines)
     if not ok or result is None:
         tail = " ".join(line for line in lines if line != JSON_MARK)[-600:]
         raise RolloutError(f"vllm bench serve failed on {chosen.name}: {tail or 'no output'}")
-    keep = local_dir(found, chosen.name)
+    label = "lb" if base_url else chosen.name
+    keep = local_dir(found, label)
     keep.mkdir(parents=True, exist_ok=True)
     (keep / name).write_text(json.dumps(result, sort_keys=True) + "\n")
-    return found, chosen.name, result, keep / name
+    return found, label, result, keep / name

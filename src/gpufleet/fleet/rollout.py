@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pyinfra import host as ctx_host_obj
@@ -55,6 +56,13 @@ from gpufleet.fleet.batches import (
 )
 from gpufleet.fleet.deploy_results import DeployResult, hand_back, results_of
 from gpufleet.fleet.fleet_lock import FleetLock
+from gpufleet.fleet.lb_gate import (
+    DEFAULT_DRAIN,
+    GateError,
+    LoadBalancerGate,
+    gate_for,
+    out_of_service,
+)
 from gpufleet.fleet.progress import Progress
 from gpufleet.fleet.recorded import discover_service, read_states
 from gpufleet.fleet.releases_listing import list_releases
@@ -113,6 +121,7 @@ class Options:
     connect_timeout: int = 10
     probe_interval: float = PROBE_INTERVAL
     probe_misses: int = PROBE_MISSES
+    drain: float = DEFAULT_DRAIN  # seconds out of the load balancer before a restart
 
     def as_report_options(self) -> dict[str, Any]:
         """The options as the report and the audit log keep them (``--data`` values other
@@ -123,6 +132,8 @@ class Options:
                 "skip_unreachable": self.skip_unreachable,
                 "data": {k: str(v) if k in SPEC_KEYS else "(set)" for k, v in self.data.items()}}
 
+
+SERVING = (HEALTHY, ROLLED_BACK, UNCHANGED)  # results that put a host back in the load balancer
 
 # -- deploys the driver runs ----------------------------------------------------------------
 
@@ -244,6 +255,7 @@ class Driver:
         self.service: str | None = None
         self.states: dict[str, dict[str, Any]] = {}
         self.targets: dict[str, str | None] = {}
+        self.gate: LoadBalancerGate | None = None
         self._planned: dict[str, releases.Release] = {}
         self.report = Report(
             id=uuid.uuid4().hex[:8], command=options.command, by=releases.deployed_by(),
@@ -309,6 +321,11 @@ class Driver:
             report.result, report.exit_code, report.message = "not confirmed", USAGE, ""
         else:
             self.went_ahead = True
+            try:
+                self.gate = gate_for({n: self.session.host(n).data.dict() for n in ordered},
+                                     opts.drain, emit=self.events.emit, add_time=report.add_time)
+            except GateError as e:
+                raise RolloutError(str(e)) from None
             self._batches(batches)
 
     def _selected_hosts(self) -> list[str]:
@@ -419,17 +436,25 @@ class Driver:
                 self._time("pause_s", t)
             self.events.emit(None, f"== {batch.label} ({i + 1}/{len(batches)}): "
                                    f"{', '.join(batch.hosts)}")
-            outcomes = self._apply(list(batch.hosts))
-            failed = [n for n, o in outcomes.items() if not o.ok]
-            for n, o in outcomes.items():
-                self._note_outcome(n, o)
-            if failed:
-                self._restore(failed)
+            data = {n: self.session.host(n).data.dict() for n in batch.hosts}
+            try:
+                with out_of_service(self.gate, data, partial(self._serving, batch.hosts)):
+                    outcomes = self._apply(list(batch.hosts))
+                    failed = [n for n, o in outcomes.items() if not o.ok]
+                    for n, o in outcomes.items():
+                        self._note_outcome(n, o)
+                    if failed:
+                        self._restore(failed)
+            except GateError as e:
+                raise RolloutError(f"{e}; nothing restarted") from None
             if len(failed) > opts.max_failed:
                 rest = [n for b in batches[i + 1:] for n in b.hosts]
                 self.report.stopped(batch.label, failed, opts.max_failed, rest)
                 return
         self.report.completed()
+
+    def _serving(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if self.report.host(n).result in SERVING]
 
     def _note_outcome(self, name: str, outcome: Outcome) -> None:
         hr = self.report.host(name)

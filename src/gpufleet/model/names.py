@@ -22,6 +22,7 @@ VERIFY_SCRIPT = f"{SCRIPT_DIR}/verify_endpoint.py"
 STAGE_SCRIPT = f"{SCRIPT_DIR}/stage_weights.py"
 RESTART_SCRIPT = f"{SCRIPT_DIR}/docker_restart.py"
 MANIFEST_DIR = f"{SCRIPT_DIR}/manifests"
+WEIGHT_PEER_PORT = 8790  # hosts hand each other staged weights on their private addresses
 
 
 def unit_name(service: str) -> str:

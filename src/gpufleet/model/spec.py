@@ -120,6 +120,14 @@ class ServiceSpec:
     tls_certificate: str | None = DEFAULTS["tls_certificate"]
     tls_key: str | None = DEFAULTS["tls_key"]
     metrics_from: tuple[str, ...] = DEFAULTS["metrics_from"]
+    ssh_from: tuple[str, ...] = DEFAULTS["ssh_from"]
+    api_from: tuple[str, ...] = DEFAULTS["api_from"]
+    lb_port: int | None = DEFAULTS["lb_port"]
+    lb_check_interval: int = DEFAULTS["lb_check_interval"]
+    lb_response_timeout: int = DEFAULTS["lb_response_timeout"]
+    lb_healthy_threshold: int = DEFAULTS["lb_healthy_threshold"]
+    lb_unhealthy_threshold: int = DEFAULTS["lb_unhealthy_threshold"]
+    lb_idle_timeout: int = DEFAULTS["lb_idle_timeout"]
     served_model_name: str | None = DEFAULTS["served_model_name"]
     gpu_memory_utilization: float | None = DEFAULTS["gpu_memory_utilization"]
     kv_cache_memory: str = DEFAULTS["kv_cache_memory"]
@@ -192,7 +200,8 @@ class ServiceSpec:
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["extra_args"] = list(self.extra_args)
-        data["metrics_from"] = list(self.metrics_from)
+        for key in ("metrics_from", "ssh_from", "api_from"):
+            data[key] = list(getattr(self, key))
         data["container_env"] = dict(self.container_env)
         return data
 
@@ -628,12 +637,28 @@ def _validate_front(spec: ServiceSpec, fail: Any) -> None:
                       "path of a PEM file (relative paths are from the working directory)")
         if marker not in text:
             fail(key, f"is not a PEM file with a {marker.strip('-')} block: {path}")
-    for network in spec.metrics_from:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            fail("metrics_from", f"must list IP networks such as 10.110.0.0/20 or 192.0.2.7, "
-                                 f"got {_show(network)}")
+    for key in ("metrics_from", "ssh_from", "api_from"):
+        for network in getattr(spec, key):
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                fail(key, f"must list IP networks such as 10.110.0.0/20 or 192.0.2.7, "
+                          f"got {_show(network)}")
+    _validate_load_balancer(spec, fail)
+
+
+LB_RANGES: dict[str, tuple[int, int]] = {
+    "lb_port": (1, 65535), "lb_check_interval": (3, 300), "lb_response_timeout": (3, 300),
+    "lb_healthy_threshold": (2, 10), "lb_unhealthy_threshold": (2, 10),
+    "lb_idle_timeout": (30, 600),
+}  # DigitalOcean's limits for the load balancer's settings
+
+
+def _validate_load_balancer(spec: ServiceSpec, fail: Any) -> None:
+    for key, (low, high) in LB_RANGES.items():
+        value = getattr(spec, key)
+        if value is not None and not low <= value <= high:
+            fail(key, f"must be between {low} and {high}, got {value}")
 
 
 def _validate_image_and_engine(spec: ServiceSpec, source: str, fail: Any) -> None:

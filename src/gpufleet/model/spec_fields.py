@@ -101,6 +101,25 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
     SpecField("metrics_from", "args", (), "IP networks (`10.110.0.0/20`, `192.0.2.7`)",
               "who may read `/metrics` through the front besides the host itself (a VPC or a "
               "monitoring range); nobody else"),
+    SpecField("ssh_from", "args", (), "IP networks",
+              "who may reach SSH (port 22) through the DigitalOcean cloud firewall that "
+              "`gpufleet cloud` manages (the operators' ranges); `gpufleet cloud` needs it"),
+    SpecField("api_from", "args", (), "IP networks",
+              "who may reach `port` directly through that firewall besides the load balancer "
+              "(and `metrics_from`); empty: only the load balancer"),
+    SpecField("lb_port", "int", None, "1–65535",
+              "the load balancer's port for clients; with TLS it passes TLS through to the "
+              "hosts' front", nullable=True, shown_default="`80`, `443` with TLS"),
+    SpecField("lb_check_interval", "int", 10, "3–300",
+              "seconds between the load balancer's `/health` checks of each host"),
+    SpecField("lb_response_timeout", "int", 5, "3–300", "seconds a health check may take"),
+    SpecField("lb_healthy_threshold", "int", 3, "2–10",
+              "passed checks before a host gets requests (the rollout waits this out)"),
+    SpecField("lb_unhealthy_threshold", "int", 3, "2–10",
+              "failed checks before a host gets no more requests"),
+    SpecField("lb_idle_timeout", "int", 600, "30–600",
+              "seconds a request may stay silent (vLLM's non-streamed answers outlive the 60 s "
+              "default)"),
     SpecField("served_model_name", "str", None,
               "letters, digits, `._:/+-`, at most 128", "the name clients ask for",
               nullable=True, shown_default="the model id"),
