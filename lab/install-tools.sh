@@ -24,3 +24,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # shellcheck disable=SC2086 (one word per package)
 apt-get install -y -qq --no-install-recommends $need >/dev/null
+# haproxy: the lab runs its own (one per emulated load balancer, cloudnet.py); the Debian
+# service must never start on its own
+case " $need " in *" haproxy "*)
+  systemctl disable haproxy >/dev/null 2>&1 || true
+  if [ -d /run/systemd/system ]; then systemctl stop haproxy >/dev/null 2>&1 || true; fi ;;
+esac

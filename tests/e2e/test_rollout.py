@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -621,3 +623,125 @@ def test_a_killed_deploy_leaves_no_lock_behind(rollout_lab, serving, tmp_path):
     run = lab.pyinfra("--data", "quantization=fp16", "--data", "max_num_seqs=30")
     assert run.returncode == 0, run.output[-3000:]
     assert_records_match_the_servers(lab, "30")
+
+
+# -- behind the load balancer (gpufleet cloud): the emulator's firewall and HAProxy --------------
+
+LB_SPEC = ("--data", 'ssh_from=["10.218.0.1/32"]', "--data", "lb_check_interval=3",
+           "--data", "lb_healthy_threshold=2", "--data", "lb_unhealthy_threshold=2")
+
+
+class SteadyLoad:
+    """``workers`` clients sending short completions through ``url`` back to back until
+    stopped: every answer that is not a 200 with a completion counts as a failure."""
+
+    def __init__(self, url: str, key: str, workers: int = 4) -> None:
+        self.url, self.key, self.workers = url, key, workers
+        self.ok, self.failures = 0, []  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+
+    def _one(self) -> None:
+        body = json.dumps({"model": "llama3-8b", "prompt": "hi", "max_tokens": 8}).encode()
+        req = urllib.request.Request(f"{self.url}/completions", data=body, headers={
+            "Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.load(r)["choices"][0]["text"] is not None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._one()
+            except Exception as e:  # noqa: BLE001 - every failure is counted, with its reason
+                with self._lock:
+                    self.failures.append(f"{time.strftime('%H:%M:%S')} {e!r}")
+            else:
+                with self._lock:
+                    self.ok += 1
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+
+def refused(url: str, key: str | None = None, data: bytes | None = None) -> int:
+    """The HTTP status a request gets (0: the connection itself was refused or dropped)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(url, data=data, headers={**headers,
+                                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=3) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def remove_cloud_resources(lab: Lab) -> None:
+    from gpufleet.clients.digitalocean import DigitalOceanClient
+
+    client = DigitalOceanClient(lab.env["DIGITALOCEAN_TOKEN"], lab.env["DIGITALOCEAN_API_URL"])
+    for fw in client.list_firewalls():
+        client.delete_firewall(fw["id"])
+    for lb in client.list_load_balancers():
+        client.delete_load_balancer(lb["id"])
+
+
+def test_a_rollout_behind_the_load_balancer_loses_no_request(rollout_lab, on_r2, r1):
+    """gpufleet cloud makes the load balancer and the firewall (a --dry first, a second run that
+    changes nothing); only the load balancer reaches the hosts' API port; a rollout of the four
+    hosts (canary, then two, then one) under a steady client load through the load balancer fails
+    no request."""
+    lab = rollout_lab
+    key = secrets.api_key("llama3", lab.env).reveal()
+    try:
+        dry = gpufleet(lab, "cloud", "deploys/llama3.yaml", *LB_SPEC, "--dry")
+        assert dry.returncode == 0, dry.output
+        assert "+ load balancer gpufleet-llama3: create" in dry.output
+        assert "+ firewall gpufleet-llama3: create" in dry.output
+        assert "dry run: nothing changed" in dry.output and key not in dry.output
+        made = gpufleet(lab, "cloud", "deploys/llama3.yaml", *LB_SPEC)
+        assert made.returncode == 0, made.output
+        url = made.output.split("clients use: ", 1)[1].split()[0]
+        again = gpufleet(lab, "cloud", "deploys/llama3.yaml", *LB_SPEC)
+        assert again.returncode == 0 and "nothing to change" in again.output, again.output
+        assert f"clients use: {url}" in again.output
+        lb_ip = url.split("//", 1)[1].split("/", 1)[0]
+        wait_lb_serving(lab, lb_ip, key)
+
+        # every route: only /v1/* with the key, through the load balancer; not the host directly
+        assert refused(f"{url}/completions", key, b'{"model":"llama3-8b","prompt":"x"}') == 200
+        for path, k in (("/v1/models", None), ("/v1/models", "wrong-key")):
+            assert refused(f"http://{lb_ip}{path}", k) == 401, path
+        for path in ("/invocations", "/tokenize", "/metrics", "/version"):
+            assert refused(f"http://{lb_ip}{path}", key, b"{}") in (403, 404), path
+        first = lab.host(NAMES[0]).public_ip
+        assert refused(f"http://{first}:8000/v1/models", key) == 0  # the firewall drops it
+
+        with SteadyLoad(url, key) as load:
+            run = rollout(lab, "--batch", "2", "--drain", "1")
+            time.sleep(1)
+        assert run.returncode == 0, run.output
+        assert "out of the load balancer: llama3-gpu-04" in run.output
+        assert all(c == r1 for c in currents(lab).values())
+        assert load.failures == [], (load.failures[:10], run.output[-3000:])
+        assert load.ok > 50, load.ok
+        print(f"\nrollout of 4 hosts behind the load balancer: {load.ok} requests, "
+              f"0 failed, in {run.seconds:.0f}s")
+    finally:
+        remove_cloud_resources(lab)
+
+
+def wait_lb_serving(lab: Lab, lb_ip: str, key: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while refused(f"http://{lb_ip}/v1/models", key) != 200:
+        assert time.monotonic() < deadline, "the load balancer never served"
+        time.sleep(0.5)

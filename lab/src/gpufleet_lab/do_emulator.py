@@ -22,6 +22,20 @@ Endpoints (all require ``Authorization: Bearer <token>``; anything else answers 
 * ``GET  /v2/sizes``                    ``page``, ``per_page``: every size below, GPU sizes
   included (the real listing has no type filter); ``regions`` empty and ``available`` false for
   the sizes named in the ``unavailable_sizes`` option (an account that cannot buy them).
+* ``GET|POST /v2/tags``, ``GET|DELETE /v2/tags/{name}``, ``POST|DELETE
+  /v2/tags/{name}/resources`` ``{"resources": [{"resource_id": "<id>", "resource_type":
+  "droplet"}]}`` -> 204. Tags a droplet gains or loses here are kept on top of lab.json's and
+  show in every droplet object and in ``?tag_name=``.
+* ``GET|POST /v2/firewalls``, ``GET|PUT|DELETE /v2/firewalls/{id}`` (POST 202, PUT a full
+  replacement 200, DELETE 204); status ``waiting`` until the network applied it, then
+  ``succeeded``.
+* ``GET|POST /v2/load_balancers``, ``GET|PUT|DELETE /v2/load_balancers/{id}`` (same codes);
+  status ``new`` (``ip`` "") until it runs, then ``active``; ``droplet_ids`` follow its ``tag``.
+
+Firewalls and load balancers are realized by an injectable ``cloudnet.Network`` (a reconcile
+thread hands it the resolved plan on every change and every ``RECONCILE_INTERVAL``); the lab's
+services daemon passes ``cloudnet.LabNetwork`` (iptables in the hosts' netns, HAProxy in a netns
+of its own), the default ``NullNetwork`` realizes nothing.
 
 Lab knobs (same token; never counted or rate limited):
 
@@ -34,6 +48,9 @@ Lab knobs (same token; never counted or rate limited):
   untouched: the API failed), or, ``no_boot``, ``completed`` after the action's hook and the
   power-off hook ran (a droplet whose rebuilt system never boots: status ``active``, no SSH).
   A long hold is an action that never finishes, for a client's timeout.
+* ``GET /_lab/load_balancers/{id}/backends`` (also ``/lab/...``): ``{"backends":
+  [{"droplet_id", "address", "status": "healthy"|"unhealthy"|"draining"}]}`` as the network
+  sees them (HAProxy's runtime API in the lab).
 
 Actions run in a worker thread per action and call the injectable hooks (``Hooks``); the lab
 wires them to the real host functions (rebuild really wipes the lab host). Status goes
@@ -51,15 +68,17 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from gpufleet.model import gpus as catalogue
+from gpufleet_lab import cloudnet, do_cloud
 from gpufleet_lab.httpserve import base_url, serve_until_interrupted
 
 HostRecord = dict[str, Any]
@@ -68,6 +87,7 @@ DropletsSource = str | os.PathLike[str] | Iterable[Mapping[str, Any]] | Callable
 DEFAULT_PER_PAGE = 20
 MAX_PER_PAGE = 200
 RATE_LIMIT_PER_HOUR = 5000
+RECONCILE_INTERVAL = 0.5  # seconds between network reconciles (lab.json changes, drains)
 
 # --------------------------------------------------------------------------------------------
 # Sizes, images and regions
@@ -492,6 +512,12 @@ class _DropletOverride:
     snapshot_ids: list[int] = field(default_factory=list)
 
 
+def _firewall_order(fw: dict[str, Any]) -> dict[str, Any]:
+    order = ["id", "name", "status", "created_at", "pending_changes", "inbound_rules",
+             "outbound_rules", "droplet_ids", "tags"]
+    return {k: fw[k] for k in order}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, error_id: str, message: str) -> None:
         super().__init__(message)
@@ -519,6 +545,7 @@ class EmulatorState:
         tag_filter_includes_gpus: bool = True,
         unavailable_sizes: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
+        network: cloudnet.Network | None = None,
     ) -> None:
         if not token:
             raise ValueError("the emulator needs a token")
@@ -547,17 +574,41 @@ class EmulatorState:
         self.threads: list[threading.Thread] = []
         self._next_action_id = 2_000_000_001
         self._next_snapshot_id = 180_000_001
+        self.network: cloudnet.Network = network or cloudnet.NullNetwork()
+        self.tags: dict[str, None] = {}  # created by POST /v2/tags (in order)
+        self.tags_added: dict[int, dict[str, None]] = {}  # droplet -> tags on top of lab.json's
+        self.tags_removed: dict[int, set[str]] = {}
+        self.firewalls: dict[str, dict[str, Any]] = {}
+        self.load_balancers: dict[str, dict[str, Any]] = {}
+        self.lb_slots: dict[str, int] = {}
+        self._versions: dict[str, int] = {}  # firewall/LB id -> edits (status after apply)
+        self._changed = threading.Event()
+        self._stopping = threading.Event()
+        self._reconciler: threading.Thread | None = None
 
     # -- droplets ---------------------------------------------------------------------------
 
     def records(self) -> list[HostRecord]:
-        return sorted(self.hosts(), key=lambda r: int(r["droplet_id"]))
+        """lab.json's host records, their ``tags`` as the tags API left them."""
+        with self.lock:
+            recs = [self._tagged(r) for r in self.hosts()]
+        return sorted(recs, key=lambda r: int(r["droplet_id"]))
 
     def record(self, droplet_id: int) -> HostRecord:
-        for rec in self.hosts():
+        for rec in self.records():
             if int(rec["droplet_id"]) == droplet_id:
                 return rec
         raise ApiError(404, "not_found", NOT_FOUND)
+
+    def _tagged(self, rec: HostRecord) -> HostRecord:
+        droplet_id = int(rec["droplet_id"])
+        removed = self.tags_removed.get(droplet_id, set())
+        tags = [str(t) for t in rec.get("tags") or [] if str(t) not in removed]
+        tags += [t for t in self.tags_added.get(droplet_id, {}) if t not in tags]
+        return {**rec, "tags": tags}
+
+    def _exists(self, droplet_id: int) -> bool:
+        return any(int(r["droplet_id"]) == droplet_id for r in self.hosts())
 
     def droplet(self, rec: HostRecord) -> dict[str, Any]:
         with self.lock:
@@ -572,6 +623,239 @@ class EmulatorState:
 
     def _override(self, droplet_id: int) -> _DropletOverride:
         return self.overrides.setdefault(droplet_id, _DropletOverride())
+
+    # -- tags -------------------------------------------------------------------------------
+
+    def tag_names(self) -> list[str]:
+        """Created tags, then those only lab.json gave (a tag exists while something has it)."""
+        names = dict(self.tags)
+        for rec in self.records():
+            names.update(dict.fromkeys(rec["tags"]))
+        return list(names)
+
+    def tag(self, name: str) -> dict[str, Any]:
+        if name not in self.tag_names():
+            raise ApiError(404, "not_found", NOT_FOUND)
+        tagged = [r for r in self.records() if name in r["tags"]]
+        last = f"/v2/droplets/{tagged[-1]['droplet_id']}" if tagged else ""
+        return do_cloud.tag_json(name, len(tagged), last)
+
+    def create_tag(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        name = self._cloud(do_cloud.check_tag_name, body.get("name"))
+        with self.lock:
+            self.tags[name] = None
+        return self.tag(name)
+
+    def delete_tag(self, name: str) -> None:
+        if name not in self.tag_names():
+            raise ApiError(404, "not_found", NOT_FOUND)
+        with self.lock:
+            self.tags.pop(name, None)
+            for rec in self.hosts():
+                self._untag(int(rec["droplet_id"]), name)
+        self._changed.set()
+
+    def tag_resources(self, name: str, body: Mapping[str, Any], *, add: bool) -> None:
+        if name not in self.tag_names():
+            raise ApiError(404, "not_found", NOT_FOUND)
+        ids = self._cloud(do_cloud.tag_resources, body, self._exists)
+        with self.lock:
+            for droplet_id in ids:
+                if add:
+                    self.tags_removed.get(droplet_id, set()).discard(name)
+                    self.tags_added.setdefault(droplet_id, {})[name] = None
+                else:
+                    self._untag(droplet_id, name)
+        self._changed.set()
+
+    def _untag(self, droplet_id: int, name: str) -> None:
+        self.tags_added.get(droplet_id, {}).pop(name, None)
+        self.tags_removed.setdefault(droplet_id, set()).add(name)
+
+    def _cloud(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, a refused request as the API's error."""
+        try:
+            return fn(*args)
+        except do_cloud.CloudError as err:
+            error_id = "not_found" if err.status == 404 else "unprocessable_entity"
+            raise ApiError(err.status, error_id, err.message) from None
+
+    # -- firewalls --------------------------------------------------------------------------
+
+    def put_firewall(self, body: Mapping[str, Any], fw_id: str | None = None) -> dict[str, Any]:
+        """Create (``fw_id`` None) or fully replace a firewall; its JSON (status waiting)."""
+        with self.lock:
+            if fw_id is not None and fw_id not in self.firewalls:
+                raise ApiError(404, "not_found", NOT_FOUND)
+        fields = self._cloud(do_cloud.firewall_fields, body, self._exists,
+                             lambda uid: uid in self.load_balancers)
+        with self.lock:
+            if fw_id is None:
+                fw_id = str(uuid.uuid4())
+                self.firewalls[fw_id] = {"id": fw_id, "created_at": _now_iso(self.clock)}
+            fw = self.firewalls[fw_id]
+            fw.update(fields, status="waiting", pending_changes=[])
+            self._versions[fw_id] = self._versions.get(fw_id, 0) + 1
+            created = json.loads(json.dumps(fw))
+        self._changed.set()
+        return _firewall_order(created)
+
+    def firewall(self, fw_id: str) -> dict[str, Any]:
+        with self.lock:
+            fw = self.firewalls.get(fw_id)
+            if fw is None:
+                raise ApiError(404, "not_found", NOT_FOUND)
+            return _firewall_order(json.loads(json.dumps(fw)))
+
+    def delete_firewall(self, fw_id: str) -> None:
+        with self.lock:
+            if self.firewalls.pop(fw_id, None) is None:
+                raise ApiError(404, "not_found", NOT_FOUND)
+        self._changed.set()
+
+    # -- load balancers ---------------------------------------------------------------------
+
+    def put_load_balancer(self, body: Mapping[str, Any],
+                          lb_id: str | None = None) -> dict[str, Any]:
+        """Create (``lb_id`` None) or fully replace a load balancer; its JSON."""
+        with self.lock:
+            if lb_id is not None and lb_id not in self.load_balancers:
+                raise ApiError(404, "not_found", NOT_FOUND)
+        fields = self._cloud(do_cloud.load_balancer_fields, body, self._exists, REGIONS)
+        with self.lock:
+            if lb_id is None:
+                free = [n for n in range(1, cloudnet.MAX_LB_SLOT + 1)
+                        if n not in self.lb_slots.values()]
+                if not free:
+                    raise ApiError(422, "unprocessable_entity",
+                                   "The lab has no address left for another load balancer.")
+                lb_id = str(uuid.uuid4())
+                self.lb_slots[lb_id] = free[0]
+                self.load_balancers[lb_id] = {"id": lb_id, "ip": "", "status": "new",
+                                              "created_at": _now_iso(self.clock)}
+            self.load_balancers[lb_id].update(fields)
+            self._versions[lb_id] = self._versions.get(lb_id, 0) + 1
+        self._changed.set()
+        return self.load_balancer(lb_id)
+
+    def load_balancer(self, lb_id: str) -> dict[str, Any]:
+        records = self.records()
+        with self.lock:
+            lb = self.load_balancers.get(lb_id)
+            if lb is None:
+                raise ApiError(404, "not_found", NOT_FOUND)
+            return self._lb_json(lb, records)
+
+    def load_balancer_list(self) -> list[dict[str, Any]]:
+        records = self.records()
+        with self.lock:
+            return [self._lb_json(lb, records) for lb in self.load_balancers.values()]
+
+    def delete_load_balancer(self, lb_id: str) -> None:
+        with self.lock:
+            if self.load_balancers.pop(lb_id, None) is None:
+                raise ApiError(404, "not_found", NOT_FOUND)
+            self.lb_slots.pop(lb_id, None)
+        self._changed.set()
+
+    def lb_backends(self, lb_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            if lb_id not in self.load_balancers:
+                raise ApiError(404, "not_found", NOT_FOUND)
+        return self.network.lb_backends(lb_id)
+
+    def _lb_members(self, lb: Mapping[str, Any], records: list[HostRecord]) -> list[HostRecord]:
+        if lb["tag"]:
+            return [r for r in records if lb["tag"] in r["tags"]]
+        return [r for r in records if int(r["droplet_id"]) in lb["droplet_ids"]]
+
+    def _lb_json(self, lb: Mapping[str, Any], records: list[HostRecord]) -> dict[str, Any]:
+        obj = json.loads(json.dumps(lb))
+        region = str(lb["region"])
+        obj["region"] = {
+            "name": REGIONS.get(region, region),
+            "slug": region,
+            "features": ["backups", "ipv6", "metadata", "install_agent", "storage"],
+            "available": True,
+            "sizes": sorted(SIZES),
+        }
+        obj["droplet_ids"] = [int(r["droplet_id"]) for r in self._lb_members(lb, records)]
+        obj["type"] = "REGIONAL"
+        obj["algorithm"] = "round_robin"
+        obj["disable_lets_encrypt_dns_records"] = False
+        order = ["id", "name", "ip", "size_unit", "type", "algorithm", "status", "created_at",
+                 "forwarding_rules", "health_check", "sticky_sessions", "region", "tag",
+                 "droplet_ids", "redirect_http_to_https", "enable_proxy_protocol",
+                 "enable_backend_keepalive", "http_idle_timeout_seconds", "vpc_uuid",
+                 "disable_lets_encrypt_dns_records", "network"]
+        return {k: obj[k] for k in order}
+
+    # -- the network ------------------------------------------------------------------------
+
+    def network_plan(self) -> tuple[cloudnet.NetworkPlan, dict[str, int]]:
+        """What the network should be now, and the edit count of each object it covers."""
+        records = self.records()
+        with self.lock:
+            lbs = [(dict(lb), self.lb_slots[i]) for i, lb in self.load_balancers.items()]
+            firewalls = [dict(fw) for fw in self.firewalls.values()]
+            versions = dict(self._versions)
+        addresses = {str(lb["id"]): self.network.lb_addresses(slot) for lb, slot in lbs}
+        views = [
+            cloudnet.HostView(int(r["droplet_id"]), str(r.get("machine") or ""),
+                              frozenset(r["tags"]),
+                              tuple(ip for ip in (r.get("public_ip"), r.get("private_ip")) if ip))
+            for r in records
+        ]
+        fw_plan = cloudnet.resolve_firewalls([v for v in views if v.machine], firewalls,
+                                             addresses)
+        specs = tuple(
+            do_cloud.lb_spec(lb, slot, addresses[str(lb["id"])], [
+                cloudnet.Member(int(r["droplet_id"]), str(r["private_ip"]))
+                for r in self._lb_members(lb, records) if r.get("private_ip")
+            ])
+            for lb, slot in lbs
+        )
+        return cloudnet.NetworkPlan(fw_plan, specs), versions
+
+    def reconcile(self) -> None:
+        """Apply the plan; mark what it covered as applied (firewall succeeded, LB active)."""
+        plan, versions = self.network_plan()
+        self.network.apply(plan)
+        addresses = {spec.id: spec for spec in plan.lbs}
+        with self.lock:
+            for fw_id, fw in self.firewalls.items():
+                if self._versions.get(fw_id) == versions.get(fw_id):
+                    fw["status"] = "succeeded"
+            for lb_id, lb in self.load_balancers.items():
+                spec = addresses.get(lb_id)
+                if spec is not None and self._versions.get(lb_id) == versions.get(lb_id):
+                    lb["status"] = "active"
+                    lb["ip"] = spec.private_ip if lb["network"] == "INTERNAL" else spec.public_ip
+
+    def start_reconciler(self) -> None:
+        if self._reconciler is None:
+            self._reconciler = threading.Thread(target=self._reconcile_loop,
+                                                name="do-reconcile", daemon=True)
+            self._reconciler.start()
+
+    def _reconcile_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._changed.clear()
+            try:
+                self.reconcile()
+            except Exception:  # noqa: BLE001 - report, retry next round
+                print(f"do_emulator: reconcile failed:\n{traceback.format_exc()}",
+                      file=sys.stderr)
+            self._changed.wait(RECONCILE_INTERVAL)
+
+    def close(self) -> None:
+        """Stop reconciling and take down what the network made."""
+        self._stopping.set()
+        self._changed.set()
+        if self._reconciler is not None:
+            self._reconciler.join(30)
+            self._reconciler = None
+        self.network.close()
 
     # -- actions ----------------------------------------------------------------------------
 
@@ -725,6 +1009,11 @@ _DROPLET_ACTIONS = re.compile(r"^/v2/droplets/(\d+)/actions$")
 _DROPLET_ACTION = re.compile(r"^/v2/droplets/(\d+)/actions/(\d+)$")
 _DROPLET_SNAPSHOTS = re.compile(r"^/v2/droplets/(\d+)/snapshots$")
 _ACTION = re.compile(r"^/v2/actions/(\d+)$")
+_TAG = re.compile(r"^/v2/tags/([^/]+)$")
+_TAG_RESOURCES = re.compile(r"^/v2/tags/([^/]+)/resources$")
+_FIREWALL = re.compile(r"^/v2/firewalls/([^/]+)$")
+_LOAD_BALANCER = re.compile(r"^/v2/load_balancers/([^/]+)$")
+_LAB_BACKENDS = re.compile(r"^/_?lab/load_balancers/([^/]+)/backends$")
 
 
 def _param(query: Mapping[str, list[str]], name: str) -> str | None:
@@ -800,6 +1089,11 @@ class EmulatorServer(ThreadingHTTPServer):
             self._serve_thread = None
         self.server_close()
         self.state.wait_idle(10)
+
+    def server_close(self) -> None:
+        """Free the port; stop reconciling and take down the firewalls and load balancers."""
+        super().server_close()
+        self.state.close()
 
     def __enter__(self) -> EmulatorServer:
         return self
@@ -877,7 +1171,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if not self._authorized():
                 raise ApiError(401, "unauthorized", "Unable to authenticate you")
-            if path.startswith("/_lab/"):
+            if path.startswith(("/_lab/", "/lab/")):
                 self._send(200, self._lab(method, path, self._body()))
                 return
             with state.lock:
@@ -918,6 +1212,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lab(self, method: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         state = self.server.state
+        if method == "GET" and (m := _LAB_BACKENDS.match(path)):
+            return {"backends": state.lb_backends(unquote(m.group(1)))}
         if method != "POST":
             raise ApiError(405, "method_not_allowed", "lab knobs are POST only")
         count = body.get("count", 1)
@@ -947,9 +1243,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(
         self, method: str, path: str, query: Mapping[str, list[str]]
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[int, dict[str, Any] | None]:
         state = self.server.state
         base = base_url(self.server)
+        if path.startswith(("/v2/tags", "/v2/firewalls", "/v2/load_balancers")):
+            return self._cloud_route(method, path, query)
         if method == "GET" and path == "/v2/droplets":
             return 200, self._list_droplets(base, path, query)
         if method == "GET" and path == "/v2/sizes":
@@ -1005,6 +1303,66 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, {"snapshots": chunk, "links": links, "meta": {"total": len(snaps)}}
         raise ApiError(404, "not_found", NOT_FOUND)
 
+    def _cloud_route(
+        self, method: str, path: str, query: Mapping[str, list[str]]
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Tags, firewalls and load balancers."""
+        state = self.server.state
+        if path == "/v2/tags" and method in ("GET", "POST"):
+            if method == "POST":
+                return 201, {"tag": state.create_tag(self._body())}
+            return 200, self._page("tags", [state.tag(n) for n in state.tag_names()], path, query)
+        if m := _TAG_RESOURCES.match(path):
+            if method in ("POST", "DELETE"):
+                add = method == "POST"
+                state.tag_resources(unquote(m.group(1)), self._body(), add=add)
+                return 204, None
+        elif m := _TAG.match(path):
+            if method == "GET":
+                return 200, {"tag": state.tag(unquote(m.group(1)))}
+            if method == "DELETE":
+                state.delete_tag(unquote(m.group(1)))
+                return 204, None
+        if path == "/v2/firewalls":
+            if method == "POST":
+                return 202, {"firewall": state.put_firewall(self._body())}
+            if method == "GET":
+                with state.lock:
+                    ids = list(state.firewalls)
+                fws = [state.firewall(i) for i in ids]
+                return 200, self._page("firewalls", fws, path, query)
+        elif m := _FIREWALL.match(path):
+            fw_id = unquote(m.group(1))
+            if method == "GET":
+                return 200, {"firewall": state.firewall(fw_id)}
+            if method == "PUT":
+                return 200, {"firewall": state.put_firewall(self._body(), fw_id)}
+            if method == "DELETE":
+                state.delete_firewall(fw_id)
+                return 204, None
+        if path == "/v2/load_balancers":
+            if method == "POST":
+                return 202, {"load_balancer": state.put_load_balancer(self._body())}
+            if method == "GET":
+                lbs = state.load_balancer_list()
+                return 200, self._page("load_balancers", lbs, path, query)
+        elif m := _LOAD_BALANCER.match(path):
+            lb_id = unquote(m.group(1))
+            if method == "GET":
+                return 200, {"load_balancer": state.load_balancer(lb_id)}
+            if method == "PUT":
+                return 200, {"load_balancer": state.put_load_balancer(self._body(), lb_id)}
+            if method == "DELETE":
+                state.delete_load_balancer(lb_id)
+                return 204, None
+        raise ApiError(404, "not_found", NOT_FOUND)
+
+    def _page(self, key: str, items: list[Any], path: str,
+              query: Mapping[str, list[str]]) -> dict[str, Any]:
+        state = self.server.state
+        chunk, links = paginate(items, base_url(self.server), path, query, state.max_per_page)
+        return {key: chunk, "links": links, "meta": {"total": len(items)}}
+
     def _list_droplets(
         self, base: str, path: str, query: Mapping[str, list[str]]
     ) -> dict[str, Any]:
@@ -1056,11 +1414,12 @@ def make_server(
 
     ``droplets_source``: the path of lab.json, a list of host records in lab.json's format, or
     a callable returning such a list. ``state_options`` go to ``EmulatorState`` (e.g.
-    ``ratelimit_next``, ``retry_after``, ``action_delay``). Serve with ``serve_forever()`` or
+    ``ratelimit_next``, ``retry_after``, ``action_delay``, ``network``). Serve with ``serve_forever()`` or
     ``start_background()``; stop with ``close()``.
     """
     server = EmulatorServer((host, port), _Handler)
     server.state = EmulatorState(token, droplets_source, hooks, **state_options)
+    server.state.start_reconciler()
     return server
 
 

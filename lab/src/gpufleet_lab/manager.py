@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet_lab import aptrepo, hosts, hub_emulator, images, profiles, realimage
+from gpufleet_lab import aptrepo, cloudnet, hosts, hub_emulator, images, profiles, realimage
 
 DEFAULT_PROFILES = ("h100", "rtx4000ada")
 # what serves behind the pinned image name: upstream vLLM on CPU, or the stand-in (fast, and
@@ -271,6 +271,7 @@ def up(cfg: hosts.LabConfig, wishes: list[HostWish], count: int | None = None,
 
 def down(cfg: hosts.LabConfig) -> None:
     _stop_services(cfg)
+    cloudnet.down(cfg)  # load balancers, should the daemon have died without removing them
     hosts.down(cfg)
     env_file(cfg).unlink(missing_ok=True)
 

@@ -4,7 +4,9 @@ signed repo of stand-in packages) and Docker Hub (a read-only registry serving t
 image), the last two on the lab bridge so that hosts reach them.
 
 Started detached by ``gpufleet lab up`` (``python -m gpufleet_lab.services --prefix gf``), its PID
-recorded in ``<state>/services.pid`` and its ports in ``lab.json`` under ``services``.
+recorded in ``<state>/services.pid`` and its ports in ``lab.json`` under ``services``. The
+emulator's cloud firewalls and load balancers are real (``cloudnet.LabNetwork``: iptables in the
+hosts' netns, HAProxy in ``<prefix>lb<n>``); they go when the daemon stops.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gpufleet_lab import aptrepo, do_emulator, hosts, hub_emulator, images, manager, registry
+from gpufleet_lab import (
+    aptrepo,
+    cloudnet,
+    do_emulator,
+    hosts,
+    hub_emulator,
+    images,
+    manager,
+    registry,
+)
 
 APT_PORT = 8701
 REGISTRY_PORT = hosts.REGISTRY_PORT
@@ -56,8 +67,10 @@ def serve(cfg: hosts.LabConfig, token: str, hf_token: str, do_port: int, repo_ro
     hub = hub_emulator.make_hub_servers(
         [cfg.bridge_ip], HUB_PORT, hub_emulator.HubTokens(good=hf_token),
         repos=hub_emulator.lab_repos(engine))
+    cloudnet.down(cfg)  # load balancers a killed daemon left behind
     servers = [
-        do_emulator.make_server("127.0.0.1", do_port, token, cfg.lab_json, _hooks(cfg)),
+        do_emulator.make_server("127.0.0.1", do_port, token, cfg.lab_json, _hooks(cfg),
+                                network=cloudnet.LabNetwork(cfg)),
         aptrepo.make_static_server(cfg.bridge_ip, APT_PORT, repo_root),
         registry.make_registry_server(cfg.bridge_ip, REGISTRY_PORT, [image]),
         *hub,
@@ -80,7 +93,7 @@ def serve(cfg: hosts.LabConfig, token: str, hf_token: str, do_port: int, repo_ro
     stop.wait()
     for s in servers:
         s.shutdown()
-        s.server_close()
+        s.server_close()  # the emulator's also removes its load balancers and firewalls
 
 
 def main(argv: list[str] | None = None) -> int:
