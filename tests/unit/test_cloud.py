@@ -144,9 +144,9 @@ def test_the_firewall_admits_ssh_the_api_and_the_peers_only_from_whom_the_spec_s
     assert body["inbound_rules"] == [
         {"protocol": "tcp", "ports": "22", "sources": {"addresses": ["203.0.113.0/24"]}},
         {"protocol": "tcp", "ports": "8000",
-         "sources": {"load_balancer_uids": ["lb-1"],
-                     "addresses": ["198.51.100.0/24", "10.110.0.0/20"]}},
+         "sources": {"load_balancer_uids": ["lb-1"], "addresses": ["198.51.100.0/24"]}},
         {"protocol": "tcp", "ports": "8790", "sources": {"tags": ["llama3"]}},
+        {"protocol": "tcp", "ports": "8002", "sources": {"addresses": ["10.110.0.0/20"]}},
     ]
     # DigitalOcean drops outbound traffic no rule allows: apt, the registry and the Hub need it
     assert {r["protocol"] for r in body["outbound_rules"]} == {"tcp", "udp", "icmp"}
@@ -245,3 +245,22 @@ def test_the_gate_is_off_without_droplets_a_token_or_a_load_balancer():
     apply(api, build_spec(BASE))
     gate = lb_gate.gate_for({"h": {"droplet_id": 101}}, 1, env, lambda *_: api)
     assert gate is not None and gate.lb["name"] == "gpufleet-llama3"
+
+
+def test_status_shows_the_load_balancers_view_of_each_host_only_when_there_is_one():
+    from gpufleet.fleet import status
+
+    api = FakeApi([droplet(1), droplet(2)])
+    env = {"DIGITALOCEAN_TOKEN": TOKEN}
+    data = {"gpu-1": {"droplet_id": 101, "droplet_tags": ["llama3", "llama3-lb"]},
+            "gpu-2": {"droplet_id": 102, "droplet_tags": ["llama3"]}}
+    assert lb_gate.membership(data, env, lambda *_: api) == {}
+    apply(api, build_spec(BASE))
+    assert lb_gate.membership(data, env, lambda *_: api) == {"gpu-1": "in", "gpu-2": "out"}
+    rows = [{"host": "gpu-1", "unit": {"active": "active"}, "lb": "in"},
+            {"host": "gpu-2", "error": "unreachable: no answer on 192.0.2.2:22", "lb": "out"}]
+    text = status.render("llama3", rows)
+    assert text.splitlines()[1].split()[-1] == "lb"
+    assert text.splitlines()[2].split()[-1] == "in" and text.splitlines()[3].endswith("out")
+    assert "lb" not in status.render("llama3", [{k: v for k, v in r.items() if k != "lb"}
+                                                for r in rows]).splitlines()[1].split()

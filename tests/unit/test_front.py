@@ -48,12 +48,21 @@ def test_the_front_is_an_allow_list():
     assert conf.count("proxy_pass") == 3
 
 
-def test_metrics_only_from_the_host_and_the_spec_networks():
+def test_metrics_on_the_port_only_from_the_host_and_the_spec_networks_on_a_port_of_their_own():
+    """The load balancer reaches ``port`` from its VPC address: an allow-list of VPC networks on
+    that port would let every client of the load balancer read /metrics."""
     spec = build_spec({**BASE, "metrics_from": ["10.110.0.5/20", "192.0.2.7"]})
-    block = deploy_front.site_conf(spec).split("location = /metrics {")[1].split("}")[0]
+    main, metrics = deploy_front.site_conf(spec).split("\nserver {")[1:]
+    block = main.split("location = /metrics {")[1].split("}")[0]
+    assert re.findall(r"allow (\S+);", block) == ["127.0.0.1", "::1"]
+    assert "listen 0.0.0.0:8000;" in main and "listen 0.0.0.0:8002;" in metrics
+    assert locations("server {" + metrics) == ["= /metrics", "/"]
+    block = metrics.split("location = /metrics {")[1].split("}")[0]
     allowed = re.findall(r"allow (\S+);", block)
     assert allowed == ["127.0.0.1", "::1", "10.110.0.0/20", "192.0.2.7/32"]
     assert block.strip().splitlines()[-2].strip() == "deny all;"
+    # without metrics_from there is no such listener
+    assert "8002" not in deploy_front.site_conf(build_spec(BASE))
 
 
 def test_the_key_is_only_in_the_root_only_map_file():
@@ -110,6 +119,7 @@ def test_tls_serves_https_with_the_uploaded_files(tmp_path: Path):
      "tls_certificate cannot be read on this machine (/nonexistent/c.pem"),
     ({"metrics_from": ["10.0.0.0/33"]}, "metrics_from must list IP networks"),
     ({"metrics_from": ["everyone"]}, "metrics_from must list IP networks"),
+    ({"metrics_port": 8000}, "metrics_port must be between 1 and 65535 and not 22, port"),
 ])
 def test_bad_front_settings_are_one_clear_error(data, message):
     with pytest.raises(SpecError) as e:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", metavar="previous|FILE",
                    help="set this run against an earlier one: 'previous' (this host's last "
                         "run kept on the controller) or a result JSON")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...",
+                   help="deploy each value of a spec key on the host in turn (rollout --limit), "
+                        "benchmark each, then put the host's release back")
+    p.add_argument("--deploy", default="deploys/llama3.py", help="the deploy --sweep rolls out "
+                                                                  "(default %(default)s)")
+    p.add_argument("--max-p99-ttft", type=float, metavar="MS",
+                   help="--sweep's latency bound for the best value (default: none)")
+    p.add_argument("--drain", type=float, default=15.0, metavar="S",
+                   help="--sweep's drain from the load balancer, as the rollout's")
     p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                    help="override inventory data, as pyinfra --data")
     p.add_argument("--json", action="store_true", help="vLLM's result JSON and the summary")
@@ -40,6 +50,8 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYINFRA_PROGRESS", "off")
     _quiet_pyinfra()
     work = bench.Workload(args.num_prompts, args.concurrency, args.input_len, args.output_len)
+    if args.sweep:
+        return sweep_main(args, work)
     try:
         if min(work.num_prompts, work.concurrency, work.input_len, work.output_len) < 1:
             raise RolloutError("--num-prompts, --concurrency, --input-len and --output-len "
@@ -90,3 +102,38 @@ def lb_address() -> str:
         raise cloud.CloudError(f"the service has no load balancer with an address "
                                f"({resource_name(settings.tag)}): run gpufleet cloud")
     return cloud.lb_url(lb)
+
+
+def sweep_main(args: argparse.Namespace, work: Any) -> int:
+    from gpufleet.cli.data import DataError, parse_data
+    from gpufleet.fleet import sweep
+    from gpufleet.fleet.report import USAGE, RolloutError
+
+    try:
+        if args.lb or not args.host:
+            raise RolloutError("--sweep changes one host: name it (not --lb)")
+        key, values = sweep.parse_sweep(args.sweep)
+        data = parse_data(args.data or [])
+        steps = sweep.lab_steps(args.inventory, args.deploy, args.service, work, data,
+                                args.drain)
+        points, (restored, how) = sweep.sweep(args.host, key, values, data, steps,
+                                              emit=lambda line: print(line, file=sys.stderr))
+    except (RolloutError, DataError) as e:
+        print(f"gpufleet bench: {e}", file=sys.stderr)
+        return USAGE
+    except KeyboardInterrupt:
+        return 130
+    chosen = sweep.best(points, args.max_p99_ttft)
+    if args.json:
+        json.dump({"host": args.host, "key": key, "restored": restored,
+                   "best": None if chosen is None else chosen.value,
+                   "points": [p.__dict__ for p in points]}, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        bound = f", p99 TTFT <= {args.max_p99_ttft:g} ms" if args.max_p99_ttft else ""
+        print(f"sweep of {key} on {args.host}: {work.describe()}")
+        sys.stdout.write(sweep.table(key, points, chosen))
+        print(f"best{bound}: " + (f"{key}={chosen.value}" if chosen else "none"))
+        print(f"{args.host} restored: {how}" if restored else
+              f"{args.host} NOT restored: {how}")
+    return 0 if restored and chosen is not None else 1

@@ -20,8 +20,8 @@ def site_conf(spec: ServiceSpec) -> str:
         listen=front.listen(spec), keys_file=names.front_keys_file(spec.service),
         certificate=names.tls_certificate_file(spec.service),
         certificate_key=names.tls_key_file(spec.service),
-        metrics_from=front.metrics_networks(spec),
-        not_found=front.NOT_FOUND_BODY,
+        local_networks=front.LOCAL_NETWORKS, metrics_from=front.metrics_networks(spec),
+        metrics_listen=front.listen(spec, spec.metrics_port), not_found=front.NOT_FOUND_BODY,
     )
 
 

@@ -143,3 +143,20 @@ def out_of_service(gate: LoadBalancerGate | None, host_data: Mapping[str, Mappin
         yield
     finally:
         gate.put_back(ids, serving())
+
+
+def membership(host_data: Mapping[str, Mapping[str, Any]],
+               environ: Mapping[str, str] | None = None,
+               client_factory: Callable[[str, str], DigitalOceanClient] = DigitalOceanClient,
+               ) -> dict[str, str]:
+    """The load balancer's view of each host for ``gpufleet status``: ``in`` (it has the load
+    balancer's tag), ``out`` (a rollout took it out, or it failed), or ``?`` when the API did not
+    answer; empty when there is no load balancer."""
+    try:
+        gate = gate_for(host_data, 0, environ, client_factory)
+    except GateError:
+        return dict.fromkeys(host_data, "?")
+    if gate is None:
+        return {}
+    return {n: "in" if gate.lb_tag in (d.get("droplet_tags") or ()) else "out"
+            for n, d in host_data.items()}

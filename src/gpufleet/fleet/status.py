@@ -16,6 +16,7 @@ from typing import Any
 from pyinfra.api import HiddenValue, Inventory, QuoteString, StringCommand
 from pyinfra.api.host import Host
 
+from gpufleet.fleet import lb_gate
 from gpufleet.fleet import session as fleet_session
 from gpufleet.fleet.batches import order_hosts
 from gpufleet.fleet.report import RolloutError
@@ -56,6 +57,10 @@ def fleet_status(inventory_path: str, service: str | None = None,
         fleet_session.shutdown(state)
     rows = [parse_answer(n, *answers[n]) if n in answers
             else {"host": n, "error": unreachable_reason(session.host(n))} for n in host_names]
+    lb = lb_gate.membership({n: session.host(n).data.dict() for n in host_names})
+    for row in rows:
+        if row["host"] in lb:
+            row["lb"] = lb[row["host"]]
     return service or fleet_service(rows), rows
 
 
@@ -152,8 +157,11 @@ def table_row(row: Mapping[str, Any], now: float | None = None) -> list[str]:
 
 
 def render(service: str, rows: Sequence[Mapping[str, Any]], now: float | None = None) -> str:
-    table = [list(COLUMNS), *[table_row(r, now) for r in rows]]
-    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    """The table; with a load balancer, its view of each host as a last column."""
+    with_lb = any("lb" in r for r in rows)
+    head = [*COLUMNS, "lb"] if with_lb else list(COLUMNS)
+    table = [head, *[table_row(r, now) + ([r.get("lb", "-")] if with_lb else []) for r in rows]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = [f"service {service}: {len(rows)} hosts"]
     for r in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -7,8 +7,8 @@ what the first made and changes only what differs (``changes``).
   service's own tag: the rollout takes a host out of it by removing that tag while the host stays
   in the inventory (which lists the service's tag). Health checks ask the front's ``/health``.
 * The **firewall** applies to the service's tag: SSH from ``ssh_from``, the front's port from the
-  load balancer, ``api_from`` and ``metrics_from``, the weight peers' port from the service's own
-  droplets, nothing else in. DigitalOcean drops outbound traffic a firewall does not allow, so
+  load balancer and ``api_from``, the front's metrics port from ``metrics_from``, the weight
+  peers' port from the service's own droplets, nothing else in. DigitalOcean drops outbound traffic a firewall does not allow, so
   it allows all of it (apt, the image registry, the Hub).
 """
 
@@ -69,9 +69,11 @@ def load_balancer(spec: ServiceSpec, tag: str, region: str) -> Json:
 def firewall(spec: ServiceSpec, tag: str, lb_id: str) -> Json:
     """The body of ``POST``/``PUT /v2/firewalls`` for the service."""
     api_sources: Json = {"load_balancer_uids": [lb_id]}
-    direct = _unique([*spec.api_from, *spec.metrics_from])
-    if direct:
-        api_sources["addresses"] = direct
+    if spec.api_from:
+        api_sources["addresses"] = _unique(spec.api_from)
+    metrics = ([{"protocol": "tcp", "ports": str(spec.metrics_port),
+                 "sources": {"addresses": _unique(spec.metrics_from)}}]
+               if spec.metrics_from else [])
     outbound = [{"protocol": p, "ports": "all" if p != "icmp" else "",
                  "destinations": {"addresses": list(EVERYWHERE)}} for p in ("tcp", "udp", "icmp")]
     for rule in outbound:
@@ -85,6 +87,7 @@ def firewall(spec: ServiceSpec, tag: str, lb_id: str) -> Json:
             {"protocol": "tcp", "ports": "22", "sources": {"addresses": list(spec.ssh_from)}},
             {"protocol": "tcp", "ports": str(spec.port), "sources": api_sources},
             {"protocol": "tcp", "ports": str(names.WEIGHT_PEER_PORT), "sources": {"tags": [tag]}},
+            *metrics,
         ],
         "outbound_rules": outbound,
     }
@@ -136,9 +139,9 @@ def comparable_firewall(data: Mapping[str, Any]) -> Json:
                 ports = "all"  # the API answers "0" for all ports
             where = {k: sorted(str(v) for v in (rule.get(peers) or {}).get(k) or ())
                      for k in _PEERS}
-            out.append({"protocol": protocol, "ports": ports,
+            out.append({"protocol": protocol, **({"ports": ports} if ports else {}),
                         peers: {k: v for k, v in where.items() if v}})
-        return sorted(out, key=lambda r: (r["protocol"], r["ports"], str(r[peers])))
+        return sorted(out, key=lambda r: (r["protocol"], r.get("ports", ""), str(r[peers])))
 
     return {
         "name": data.get("name"),

@@ -8,7 +8,9 @@ future vLLM adds stays closed:
 
     /v1/...    with the bearer key (nginx compares it; vLLM checks it again)
     /health    GET and HEAD, no key: for load balancers
-    /metrics   from the host itself and the spec's ``metrics_from`` networks
+    /metrics   from the host itself; the spec's ``metrics_from`` networks read it on a listener
+               of its own, ``metrics_port`` (a DigitalOcean load balancer reaches ``port`` from
+               its VPC address: an allow-list of VPC networks there would admit every client)
     anything else: 404
 
 The key lives in a root-only file the site includes, which only nginx's master process (root)
@@ -23,7 +25,9 @@ from gpufleet.model.secrets import Secret
 from gpufleet.model.spec import ServiceSpec
 
 PACKAGE = "nginx"  # Debian's and Ubuntu's, from the distribution
-ALLOWED_ROUTES = ("/v1/ (with the key)", "/health", "/metrics (metrics_from)")
+ALLOWED_ROUTES = ("/v1/ (with the key)", "/health", "/metrics (the host; metrics_port: "
+                  "metrics_from)")
+LOCAL_NETWORKS = ("127.0.0.1", "::1")
 # vLLM's own answers, so a client sees the same body whichever refuses it
 UNAUTHORIZED_BODY = '{"error": "Unauthorized"}'
 NOT_FOUND_BODY = '{"detail": "Not Found"}'
@@ -46,13 +50,15 @@ def keys_conf(service: str, api_key: Secret) -> Secret:
                   f"}}\n")
 
 
-def listen(spec: ServiceSpec) -> str:
-    """nginx's ``listen`` address: IPv6 in brackets; ``::`` takes IPv4 too, like docker's."""
+def listen(spec: ServiceSpec, port: int | None = None) -> str:
+    """nginx's ``listen`` address (on ``port``, default the service's): IPv6 in brackets; ``::``
+    takes IPv4 too, like docker's."""
+    port = spec.port if port is None else port
     if spec.bind_address == "::":
-        return f"[::]:{spec.port} ipv6only=off"
+        return f"[::]:{port} ipv6only=off"
     if ":" in spec.bind_address:
-        return f"[{spec.bind_address}]:{spec.port}"
-    return f"{spec.bind_address}:{spec.port}"
+        return f"[{spec.bind_address}]:{port}"
+    return f"{spec.bind_address}:{port}"
 
 
 def local_url(spec: ServiceSpec) -> str:
@@ -65,6 +71,9 @@ def local_url(spec: ServiceSpec) -> str:
 
 
 def metrics_networks(spec: ServiceSpec) -> list[str]:
-    """The host itself, then the spec's networks (canonical: 10.0.0.5/20 is 10.0.0.0/20)."""
+    """Who reads ``metrics_port``: the host itself, then the spec's networks (canonical:
+    10.0.0.5/20 is 10.0.0.0/20). Empty when the spec names none: no such listener."""
+    if not spec.metrics_from:
+        return []
     spec_networks = [str(ipaddress.ip_network(n, strict=False)) for n in spec.metrics_from]
-    return list(dict.fromkeys(["127.0.0.1", "::1", *spec_networks]))
+    return list(dict.fromkeys([*LOCAL_NETWORKS, *spec_networks]))

@@ -120,6 +120,7 @@ class ServiceSpec:
     tls_certificate: str | None = DEFAULTS["tls_certificate"]
     tls_key: str | None = DEFAULTS["tls_key"]
     metrics_from: tuple[str, ...] = DEFAULTS["metrics_from"]
+    metrics_port: int = DEFAULTS["metrics_port"]
     ssh_from: tuple[str, ...] = DEFAULTS["ssh_from"]
     api_from: tuple[str, ...] = DEFAULTS["api_from"]
     lb_port: int | None = DEFAULTS["lb_port"]
@@ -621,6 +622,10 @@ def _validate_front(spec: ServiceSpec, fail: Any) -> None:
     if spec.vllm_port == spec.port:
         fail("vllm_port", f"must differ from port ({spec.port}): the front listens on port and "
                           "vLLM behind it on 127.0.0.1:vllm_port")
+    if not 1 <= spec.metrics_port <= 65535 or spec.metrics_port in (22, spec.port,
+                                                                    spec.vllm_port):
+        fail("metrics_port", f"must be between 1 and 65535 and not 22, port ({spec.port}) or "
+                             f"vllm_port ({spec.vllm_port}), got {spec.metrics_port}")
     if (spec.tls_certificate is None) != (spec.tls_key is None):
         given, missing = (("tls_certificate", "tls_key") if spec.tls_key is None
                           else ("tls_key", "tls_certificate"))

@@ -99,14 +99,17 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
               "its private key, uploaded root-only (0600)", nullable=True,
               shown_default="unset"),
     SpecField("metrics_from", "args", (), "IP networks (`10.110.0.0/20`, `192.0.2.7`)",
-              "who may read `/metrics` through the front besides the host itself (a VPC or a "
-              "monitoring range); nobody else"),
+              "who may read `/metrics` besides the host itself (a VPC or a monitoring range), "
+              "on `metrics_port` only: the load balancer reaches `port` from inside the VPC, so "
+              "`port` serves `/metrics` to the host alone; nobody else"),
+    SpecField("metrics_port", "int", 8002, "1–65535, not 22, `port` or `vllm_port`",
+              "the front's `/metrics` listener for `metrics_from` (only when it is set)"),
     SpecField("ssh_from", "args", (), "IP networks",
               "who may reach SSH (port 22) through the DigitalOcean cloud firewall that "
               "`gpufleet cloud` manages (the operators' ranges); `gpufleet cloud` needs it"),
     SpecField("api_from", "args", (), "IP networks",
-              "who may reach `port` directly through that firewall besides the load balancer "
-              "(and `metrics_from`); empty: only the load balancer"),
+              "who may reach `port` directly through that firewall besides the load balancer; "
+              "empty: only the load balancer"),
     SpecField("lb_port", "int", None, "1–65535",
               "the load balancer's port for clients; with TLS it passes TLS through to the "
               "hosts' front", nullable=True, shown_default="`80`, `443` with TLS"),
