@@ -13,6 +13,7 @@ Any test runs alone.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -627,8 +628,11 @@ def test_a_killed_deploy_leaves_no_lock_behind(rollout_lab, serving, tmp_path):
 
 # -- behind the load balancer (gpufleet cloud): the emulator's firewall and HAProxy --------------
 
+VPC = "10.218.100.0/24"  # the lab's private network: the controller is .1, the load balancer .201
+METRICS_FROM = ("--data", f'metrics_from=["{VPC}"]')
 LB_SPEC = ("--data", 'ssh_from=["10.218.0.1/32"]', "--data", "lb_check_interval=3",
-           "--data", "lb_healthy_threshold=2", "--data", "lb_unhealthy_threshold=2")
+           "--data", "lb_healthy_threshold=2", "--data", "lb_unhealthy_threshold=2",
+           *METRICS_FROM)
 
 
 class SteadyLoad:
@@ -685,6 +689,18 @@ def refused(url: str, key: str | None = None, data: bytes | None = None) -> int:
         return 0
 
 
+def status_from(source: str, host: str, port: int, path: str) -> int:
+    """The status of a GET sent from the controller's address ``source`` (0: dropped)."""
+    conn = http.client.HTTPConnection(host, port, timeout=3, source_address=(source, 0))
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except OSError:
+        return 0
+    finally:
+        conn.close()
+
+
 def remove_cloud_resources(lab: Lab) -> None:
     from gpufleet.clients.digitalocean import DigitalOceanClient
 
@@ -707,7 +723,8 @@ def test_a_rollout_behind_the_load_balancer_loses_no_request(rollout_lab, on_r2,
         assert dry.returncode == 0, dry.output
         assert "+ load balancer gpufleet-llama3: create" in dry.output
         assert "+ firewall gpufleet-llama3: create" in dry.output
-        assert "dry run: nothing changed" in dry.output and key not in dry.output
+        assert "dry run: nothing changed" in dry.output
+        assert key not in dry.output and lab.env["DIGITALOCEAN_TOKEN"] not in dry.output
         made = gpufleet(lab, "cloud", "deploys/llama3.yaml", *LB_SPEC)
         assert made.returncode == 0, made.output
         url = made.output.split("clients use: ", 1)[1].split()[0]
@@ -727,12 +744,20 @@ def test_a_rollout_behind_the_load_balancer_loses_no_request(rollout_lab, on_r2,
         assert refused(f"http://{first}:8000/v1/models", key) == 0  # the firewall drops it
 
         with SteadyLoad(url, key) as load:
-            run = rollout(lab, "--batch", "2", "--drain", "1")
+            run = rollout(lab, "--batch", "2", "--drain", "1", *METRICS_FROM)
             time.sleep(1)
         assert run.returncode == 0, run.output
+        assert load.failures == [], (len(load.failures), load.ok, load.failures[:10],
+                                     run.output[-3000:])
+        # /metrics: from the VPC on metrics_port; not through the load balancer, whose address
+        # is in the VPC too (it reaches port only); not from outside the VPC
+        private, public = lab.host(NAMES[0]).private_ip, lab.host(NAMES[0]).public_ip
+        assert status_from("10.218.100.1", private, 8002, "/metrics") == 200
+        assert status_from("10.218.100.1", private, 8002, "/v1/models") == 404
+        assert status_from("10.218.0.1", public, 8002, "/metrics") == 0
+        assert refused(f"http://{lb_ip}/metrics") == 403
         assert "out of the load balancer: llama3-gpu-04" in run.output
         assert all(c == r1 for c in currents(lab).values())
-        assert load.failures == [], (load.failures[:10], run.output[-3000:])
         assert load.ok > 50, load.ok
         print(f"\nrollout of 4 hosts behind the load balancer: {load.ok} requests, "
               f"0 failed, in {run.seconds:.0f}s")

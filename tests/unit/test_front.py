@@ -119,7 +119,8 @@ def test_tls_serves_https_with_the_uploaded_files(tmp_path: Path):
      "tls_certificate cannot be read on this machine (/nonexistent/c.pem"),
     ({"metrics_from": ["10.0.0.0/33"]}, "metrics_from must list IP networks"),
     ({"metrics_from": ["everyone"]}, "metrics_from must list IP networks"),
-    ({"metrics_port": 8000}, "metrics_port must be between 1 and 65535 and not 22, port"),
+    ({"metrics_port": 8000, "metrics_from": ["10.0.0.0/8"]},
+     "metrics_port must be between 1 and 65535 and not 22, port"),
 ])
 def test_bad_front_settings_are_one_clear_error(data, message):
     with pytest.raises(SpecError) as e:

@@ -622,8 +622,8 @@ def _validate_front(spec: ServiceSpec, fail: Any) -> None:
     if spec.vllm_port == spec.port:
         fail("vllm_port", f"must differ from port ({spec.port}): the front listens on port and "
                           "vLLM behind it on 127.0.0.1:vllm_port")
-    if not 1 <= spec.metrics_port <= 65535 or spec.metrics_port in (22, spec.port,
-                                                                    spec.vllm_port):
+    if not 1 <= spec.metrics_port <= 65535 or (spec.metrics_from and spec.metrics_port in (
+            22, spec.port, spec.vllm_port)):  # no listener without metrics_from
         fail("metrics_port", f"must be between 1 and 65535 and not 22, port ({spec.port}) or "
                              f"vllm_port ({spec.vllm_port}), got {spec.metrics_port}")
     if (spec.tls_certificate is None) != (spec.tls_key is None):

@@ -102,7 +102,7 @@ SPEC_FIELDS: tuple[SpecField, ...] = (
               "who may read `/metrics` besides the host itself (a VPC or a monitoring range), "
               "on `metrics_port` only: the load balancer reaches `port` from inside the VPC, so "
               "`port` serves `/metrics` to the host alone; nobody else"),
-    SpecField("metrics_port", "int", 8002, "1–65535, not 22, `port` or `vllm_port`",
+    SpecField("metrics_port", "int", 8002, "1–65535; with `metrics_from`, not 22, `port`, `vllm_port`",
               "the front's `/metrics` listener for `metrics_from` (only when it is set)"),
     SpecField("ssh_from", "args", (), "IP networks",
               "who may reach SSH (port 22) through the DigitalOcean cloud firewall that "
