@@ -504,6 +504,11 @@ class LabNetwork:
         text = iptables_restore_text(fw, hook=False) if fw is not None else None
         if self._fw_applied.get(machine) == (ino, text):
             return
+        if fw is None and self._fw_applied.get(machine, (ino, None)) == (ino, None):
+            # never filtered in this netns: leave it untouched (even listing our chain would
+            # have the root's iptables set up tables inside a host that is still booting)
+            self._fw_applied[machine] = (ino, None)
+            return
         ns = ["ip", "netns", "exec", machine]
         present = _run([*ns, "iptables", "-w", "-t", "mangle", "-S", CHAIN_IN],
                        check=False).returncode == 0
